@@ -1,0 +1,13 @@
+"""lowrank_compile: memory-efficient LLM training with SVD-free low-rank Adam (DCT-AdamW, arXiv:2505.17967).
+
+``opt = lowrank_compile.wrap_model(model, rank=128, lr=1e-3)`` rewrites every eligible nn.Linear so its
+backward emits the weight gradient already projected onto r columns of a fixed DCT basis, and returns an
+optimizer that keeps Adam's states in that rank-r space.
+"""
+from .config import LowRankConfig
+from .optimizer import LowRankAdamW
+from .projection import LowRankLinear
+from .wrap import is_wrapped, unwrap_model, wrap_model
+
+__all__ = ["wrap_model", "unwrap_model", "is_wrapped", "LowRankAdamW", "LowRankConfig", "LowRankLinear"]
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""Orthonormal bases for the projection: the DCT-II (default) and a seeded random one.
+
+A basis of size n is an (n, n) matrix D with D^T D = I; column k is the k-th basis vector. Bases are
+built once per (kind, n, dtype, device) and shared by every layer of that size. ``x @ D`` — the
+transform of each row of x — is what a refresh needs; for the DCT it is computed by FFT above a size
+threshold fixed by measurement (never by timing at run time, so results are reproducible bit for bit).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["dct_matrix", "random_orthonormal_matrix", "dct_rows", "dct_rows_fft", "basis_matrix", "transform_rows"]
+
+# Rows of x @ D by FFT (Makhoul) instead of matmul from this size on. Measured on a 2-core CPU, 2048 rows,
+# fp32 (torch 2.13): n=256 matmul 2.1 ms vs FFT 3.2 ms; n=512 9.6 vs 5.3 ms; n=1024 41 vs 9.6 ms.
+FFT_MIN_SIZE = 512
+
+RANDOM_BASIS_SEED = 0
+
+
+@functools.lru_cache(maxsize=32)
+def dct_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """Orthonormal DCT-II basis of size n: column k is s_k sqrt(2/n) cos(pi k (2j+1) / 2n).
+
+    Built in float64 and cast, so every dtype rounds the same exact values. Cached by (n, dtype, device);
+    treat the result as read-only.
+    """
+    if n < 1:
+        raise ValueError(f"DCT size must be >= 1, got {n}")
+    j = torch.arange(n, dtype=torch.float64)
+    d = torch.cos(math.pi * j[None, :] * (2 * j[:, None] + 1) / (2 * n)) * math.sqrt(2.0 / n)  # (n, n): [j, k]
+    d[:, 0] *= math.sqrt(0.5)
+    return d.to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def random_orthonormal_matrix(
+    n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = RANDOM_BASIS_SEED
+) -> Tensor:
+    """A fixed random orthonormal basis of size n (QR of a seeded Gaussian matrix, in float64 on CPU).
+
+    The generator is seeded from (seed, n) alone, so every process and device gets the same basis.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + n)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))[None, :]  # unique QR: positive diagonal of R
+    return q.to(dtype=dtype, device=device)
+
+
+def dct_rows_fft(x: Tensor) -> Tensor:
+    """Orthonormal DCT-II of every row of x by one length-n FFT (Makhoul, 1980); equals x @ dct_matrix(n)."""
+    n = x.shape[-1]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute)
+    v = torch.cat([xc[..., 0::2], xc[..., 1::2].flip(-1)], dim=-1)  # even samples, then odd ones reversed
+    spec = torch.fft.fft(v, dim=-1)
+    k = torch.arange(n, dtype=compute, device=x.device)
+    twiddle = torch.polar(torch.ones_like(k), k * (-math.pi / (2 * n)))
+    out = (spec * twiddle).real * math.sqrt(2.0 / n)
+    scale = torch.ones(n, dtype=compute, device=x.device)
+    scale[0] = math.sqrt(0.5)
+    return (out * scale).to(x.dtype)
+
+
+def dct_rows(x: Tensor) -> Tensor:
+    """x @ D for the orthonormal DCT-II D of size x.shape[-1]: by FFT from FFT_MIN_SIZE on, else matmul."""
+    n = x.shape[-1]
+    if n >= FFT_MIN_SIZE:
+        return dct_rows_fft(x)
+    return x @ dct_matrix(n, x.dtype, x.device)
+
+
+_SHARED: dict[tuple, Tensor] = {}
+
+
+def basis_matrix(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The (n, n) basis of a fixed-basis kind ("dct" or "random"), one shared tensor per key.
+
+    A plain dict rather than lru_cache: torch.compile traces a dict lookup into a guarded graph input,
+    whereas it would trace through lru_cache and rebuild the matrix inside the graph.
+    """
+    key = (kind, n, dtype, torch.device(device))
+    table = _SHARED.get(key)
+    if table is None:
+        if kind == "dct":
+            table = dct_matrix(n, dtype, device)
+        elif kind == "random":
+            table = random_orthonormal_matrix(n, dtype, device)
+        else:
+            raise ValueError(f"basis {kind!r} has no fixed matrix; fixed bases are 'dct' and 'random'")
+        _SHARED[key] = table
+    return table
+
+
+def transform_rows(kind: str, x: Tensor, table: Tensor) -> Tensor:
+    """x @ D for the fixed basis `kind` whose matrix is `table`: all basis coordinates of every row.
+
+    The DCT of large rows goes through the FFT and never reads `table`.
+    """
+    if kind == "dct" and x.shape[-1] >= FFT_MIN_SIZE:
+        return dct_rows_fft(x)
+    return x @ table.to(x.dtype)

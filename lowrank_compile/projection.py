@@ -1,0 +1,227 @@
+"""The projected backward: a Linear whose backward emits its weight gradient already in rank-r form.
+
+For a weight W (out, in) and tokens flattened to rows, the gradient is G = gy^T x. A wrapped layer never
+forms G: its backward returns the exact input gradient gy W and, for the weight, the rank-r gradient
+    right (out >= in): G_low = gy^T (x D_r)      (out, r)
+    left  (out <  in): G_low = (gy D_r)^T x      (r, in)
+where D_r holds the r selected columns of a fixed basis (arXiv:2505.17967). On a refresh step the columns
+are re-selected from x and gy blockwise (see selection.py) and the new indices are written into the
+layer's index buffer in place, inside backward.
+
+Autograd will not put an (out, r) gradient into W.grad, so each layer registers a carrier parameter,
+``lowrank_grad``, of the rank-r shape: its ``.grad`` receives G_low. It is a real tensor, so
+DistributedDataParallel reduces it like any parameter and ``clip_grad_norm_(model.parameters())`` clips
+the rank-r gradients; it is kept out of ``state_dict()``. W itself is marked requires_grad=False while
+wrapped, so W.grad stays None.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .basis import basis_matrix, transform_rows
+from .selection import left_scores, norm_order, right_scores, select_top_r
+
+__all__ = ["LayerSpec", "RefreshControl", "LowRankLinear", "table_dtype"]
+
+CARRIER = "lowrank_grad"
+INDEX = "lowrank_idx"
+SVD_BASIS = "lowrank_basis"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What a wrapped layer projects: rank r, side, basis kind ("dct" | "random" | "svd") and norm."""
+
+    rank: int
+    side: str
+    basis: str
+    norm: str
+
+    @property
+    def right(self) -> bool:
+        return self.side == "right"
+
+
+class RefreshControl:
+    """Step counter shared by the wrapped layers of one model and their optimizer.
+
+    ``refresh`` says whether the coming backward re-selects the basis. It is a plain bool read in forward,
+    so torch.compile keeps exactly two graphs (refresh and ordinary) and never recompiles between them;
+    it changes only in ``advance`` (called by the optimizer's step), so a recomputed forward under
+    activation checkpointing makes the same decision as the original one.
+    """
+
+    def __init__(self, update_gap: int):
+        self.update_gap = update_gap
+        self.step = 0  # completed optimizer steps
+        self.refresh = True
+
+    def is_refresh_step(self, t: int) -> bool:
+        """Step t (counting from 1) refreshes when t == 1 or t % update_gap == 0, as the reference does."""
+        return t == 1 or t % self.update_gap == 0
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+        self.refresh = self.is_refresh_step(step + 1)
+
+    def advance(self) -> None:
+        self.set_step(self.step + 1)
+
+
+def table_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Bases are kept in fp32 (fp64 for fp64 weights); low-precision weights cast the gathered columns."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+def svd_basis(g: Tensor, r: int, right: bool) -> Tensor:
+    """Top-r singular vectors of a full gradient g (GaLore): right (in, r) or left (out, r), fp32."""
+    u, _, vh = torch.linalg.svd(g.float() if g.dtype != torch.float64 else g, full_matrices=False)
+    return vh[:r].t() if right else u[:, :r]
+
+
+def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec_right: bool, kind: str,
+                p: int, refresh: bool) -> Tensor:
+    """G_low of one layer from inputs x2 (T, in) and output gradients g2 (T, out), both of dtype cdt.
+
+    proj is the layer's int64 index buffer (fixed bases) or its (n, r) basis buffer (svd); on a refresh
+    step it is overwritten in place with the new selection.
+    """
+    cdt = g2.dtype
+    if kind == "svd":
+        if refresh:
+            r = proj.shape[1]
+            g = g2.t() @ x2  # (out, in): the one mode that forms the full gradient, at refresh only
+            basis = svd_basis(g, r, spec_right)
+            proj.copy_(basis)
+            basis = basis.to(cdt)
+            return g @ basis if spec_right else basis.t() @ g
+        d_r = proj.to(cdt)
+    else:
+        if refresh:
+            r = proj.shape[0]
+            if spec_right:
+                xd = transform_rows(kind, x2, table)  # (T, n): x in basis coordinates
+                idx = select_top_r(right_scores(g2, xd, p), r)
+                proj.copy_(idx)
+                return g2.t() @ xd.index_select(1, idx)  # (out, T) @ (T, r)
+            gd = transform_rows(kind, g2, table)  # (T, n): gy in basis coordinates
+            idx = select_top_r(left_scores(gd, x2, p), r)
+            proj.copy_(idx)
+            return gd.index_select(1, idx).t() @ x2  # (r, T) @ (T, in)
+        d_r = table.index_select(1, proj).to(cdt)  # (n, r)
+    if spec_right:
+        return g2.t() @ (x2 @ d_r)  # (out, T) @ (T, r) -> (out, r)
+    return (g2 @ d_r).t() @ x2  # (r, T) @ (T, in) -> (r, in)
+
+
+class _ProjectedLinearFn(torch.autograd.Function):
+    """y = x W^T + b; backward: exact grad of x and b, rank-r grad of W delivered to the carrier."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, carrier, proj, table, right: bool, kind: str, p: int, refresh: bool):
+        ctx.save_for_backward(x, weight, proj, table)
+        ctx.meta = (right, kind, p, refresh, carrier.dtype, None if bias is None else bias.dtype)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, proj, table = ctx.saved_tensors
+        right, kind, p, refresh, carrier_dtype, bias_dtype = ctx.meta
+        cdt = gy.dtype
+        g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
+        grad_x = grad_bias = grad_low = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gy @ weight.to(cdt)).to(x.dtype)
+        if bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0).to(bias_dtype)
+        if ctx.needs_input_grad[3]:
+            x2 = x.reshape(-1, x.shape[-1]).to(cdt)  # (T, in)
+            grad_low = rank_r_grad(x2, g2, proj, table, right, kind, p, refresh).to(carrier_dtype)
+        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None
+
+
+class LowRankLinear(nn.Linear):
+    """An nn.Linear whose weight gradient is projected to rank r in backward. Made by wrap_model.
+
+    Wrapping swaps the class of an existing nn.Linear in place, so the weight and bias keep their storage,
+    their names in state_dict() and every hook the user registered. ``unwrap`` reverses it.
+    """
+
+    lowrank_spec: LayerSpec
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, spec: LayerSpec, control: RefreshControl) -> "LowRankLinear":
+        out_f, in_f = linear.weight.shape
+        r = spec.rank
+        linear.__class__ = cls
+        linear.lowrank_spec = spec
+        linear._lowrank_control = control
+        w = linear.weight
+        w.requires_grad_(False)
+        carrier_shape = (out_f, r) if spec.right else (r, in_f)
+        linear.register_parameter(CARRIER, nn.Parameter(torch.zeros(carrier_shape, dtype=w.dtype, device=w.device)))
+        n = in_f if spec.right else out_f
+        if spec.basis == "svd":
+            linear.register_buffer(SVD_BASIS, torch.zeros(n, r, dtype=table_dtype(w.dtype), device=w.device),
+                                   persistent=False)
+        else:
+            linear.register_buffer(INDEX, torch.arange(r, dtype=torch.int64, device=w.device), persistent=False)
+            basis_matrix(spec.basis, n, table_dtype(w.dtype), w.device)  # build the shared table now, not in a graph
+        return linear
+
+    def unwrap(self) -> nn.Linear:
+        """Back to a plain nn.Linear with the trained weight (same storage); drops the carrier and indices."""
+        del self._parameters[CARRIER]
+        self._buffers.pop(INDEX, None)
+        self._buffers.pop(SVD_BASIS, None)
+        del self.lowrank_spec, self._lowrank_control
+        self.weight.requires_grad_(True)
+        self.__class__ = nn.Linear
+        return self
+
+    @property
+    def basis_size(self) -> int:
+        out_f, in_f = self.weight.shape
+        return in_f if self.lowrank_spec.right else out_f
+
+    def selection(self) -> Tensor:
+        """The layer's current projection: int64 indices (r,) for dct/random, the (n, r) basis for svd."""
+        return getattr(self, SVD_BASIS) if self.lowrank_spec.basis == "svd" else getattr(self, INDEX)
+
+    def columns(self, dtype: torch.dtype) -> Tensor:
+        """D_r, the (n, r) selected basis columns, in `dtype`."""
+        spec = self.lowrank_spec
+        if spec.basis == "svd":
+            return getattr(self, SVD_BASIS).to(dtype)
+        table = basis_matrix(spec.basis, self.basis_size, table_dtype(dtype), self.weight.device)
+        return table.index_select(1, getattr(self, INDEX)).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        carrier = getattr(self, CARRIER)
+        if not (torch.is_grad_enabled() and (carrier.requires_grad or x.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        spec = self.lowrank_spec
+        table = None
+        if spec.basis != "svd":
+            table = basis_matrix(spec.basis, self.basis_size, table_dtype(self.weight.dtype), self.weight.device)
+        return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), table, spec.right,
+                                        spec.basis, norm_order(spec.norm), self._lowrank_control.refresh)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + CARRIER, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + CARRIER in missing_keys:
+            missing_keys.remove(prefix + CARRIER)
+
+    def extra_repr(self) -> str:
+        s = self.lowrank_spec
+        return f"{super().extra_repr()}, rank={s.rank}, side={s.side}, basis={s.basis}"

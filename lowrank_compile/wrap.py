@@ -1,0 +1,195 @@
+"""wrap_model / unwrap_model: rewrite a model's eligible nn.Linear layers in place and build the optimizer."""
+from __future__ import annotations
+
+import collections
+import fnmatch
+import logging
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_STATE_POLICY, DEFAULT_UPDATE_GAP, LowRankConfig, resolve_rank
+from .optimizer import LowRankAdamW
+from .projection import LayerSpec, LowRankLinear, RefreshControl
+
+__all__ = ["wrap_model", "unwrap_model", "is_wrapped"]
+
+logger = logging.getLogger(__name__)
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+
+
+def wrap_model(
+    model: nn.Module,
+    rank: int | float = 128,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    update_gap: int = DEFAULT_UPDATE_GAP,
+    basis: str = "dct",
+    norm: str = "l1",
+    state_policy: str = DEFAULT_STATE_POLICY,
+    state_dtype: str = "fp32",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    fused: bool = False,
+    *,
+    scale: float = 1.0,
+    layer_rank: Mapping[str, int | float] | None = None,
+    decay_all: bool = False,
+) -> LowRankAdamW:
+    """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
+
+    Every eligible nn.Linear is rewritten in place (same weight storage, same state_dict keys) so that its
+    backward emits the weight gradient already projected on r columns of a fixed DCT basis; the returned
+    optimizer keeps Adam's states in that rank-r space and gives every other trainable parameter plain AdamW.
+
+    Args:
+        model: any nn.Module. Its nn.Linear layers whose smaller side exceeds the rank are projected, unless
+            filter_fn says no, the weight is frozen (left alone) or shared with another module (tied
+            embeddings: plain AdamW), or the parent reads the weight directly (nn.MultiheadAttention's
+            out_proj: plain AdamW, since a projected weight there would silently stop training).
+        rank: int r, or a float f in (0, 1]: r = max(1, round(f * smaller side)) per layer.
+        lr, betas, eps, weight_decay: AdamW hyper-parameters, shared by all parameters. Weight decay is
+            decoupled; by default it skips biases and normalisation weights (as transformers' Trainer does).
+        update_gap: steps between basis refreshes (step t refreshes when t == 1 or t % update_gap == 0);
+            1 refreshes every step as the paper does. Default 10 (see config.DEFAULT_UPDATE_GAP).
+        basis: "dct" (default), "svd" (GaLore: top-r singular vectors, forms the full gradient at refresh
+            only) or "random" (a fixed seeded orthonormal basis).
+        norm: "l1" (default) or "l2": how basis columns are ranked at a refresh.
+        state_policy: "match" (default), "keep" or "reset": what Adam's states do when the basis changes.
+        state_dtype: "fp32" (default) or "bf16" Adam states.
+        filter_fn: (module, fqn) -> bool, which nn.Linear layers to project (default: all eligible).
+        fused: reserved for updates inside backward (not available yet: raises).
+        scale: multiplies the low-rank update (the paper's alpha); default 1.
+        layer_rank: {fnmatch pattern on the layer's fqn: rank} giving some layers their own rank (first
+            matching pattern wins), e.g. {"*.mlp.*": 64, "lm_head": 0.1}.
+        decay_all: apply weight decay to every parameter, biases and norms included (the reference code).
+
+    Returns:
+        a :class:`LowRankAdamW` that owns every trainable parameter of the model.
+
+    Example::
+
+        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        opt = lowrank_compile.wrap_model(model, rank=16, lr=1e-3)
+        loss = model(torch.randn(8, 64)).square().mean()
+        loss.backward(); opt.step(); opt.zero_grad()
+
+    Gradient clipping: the rank-r gradients live in each layer's ``lowrank_grad`` parameter, so
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` clips them together with the plain
+    gradients (the norm is that of the projected gradients, which is at most the full gradient's).
+    """
+    if fused:
+        raise NotImplementedError("fused=True (updates inside backward) is not available yet; use fused=False")
+    config = LowRankConfig(rank=rank, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                           update_gap=update_gap, basis=basis, norm=norm, state_policy=state_policy,
+                           state_dtype=state_dtype, fused=fused, scale=scale,
+                           layer_rank=tuple((layer_rank or {}).items()), decay_all=decay_all)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap_model expects an nn.Module, got {type(model).__name__}")
+    if is_wrapped(model):
+        raise RuntimeError("this model is already wrapped by lowrank_compile; call unwrap_model(model) first "
+                           "(wrapping again makes a fresh optimizer)")
+
+    plan = _plan(model, config, filter_fn)
+    control = RefreshControl(config.update_gap)
+    layers: dict[torch.Tensor, LowRankLinear] = {}
+    for fqn, linear, spec in plan:
+        layer = LowRankLinear.wrap(linear, spec, control)
+        layers[layer.weight] = layer
+
+    projected = set(layers)
+    carriers = {id(layer.lowrank_grad) for layer in layers.values()}
+    decay, no_decay = [], []
+    no_decay_ids = set() if config.decay_all else _no_decay_ids(model)
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in carriers or p in projected:
+            continue
+        (no_decay if id(p) in no_decay_ids else decay).append(p)
+    groups = [dict(params=list(layers), lowrank=True)]
+    if decay:
+        groups.append(dict(params=decay, lowrank=False))
+    if no_decay:
+        groups.append(dict(params=no_decay, lowrank=False, weight_decay=0.0))
+    opt = LowRankAdamW(groups, layers, control, lr=config.lr, betas=config.betas, eps=config.eps,
+                       weight_decay=config.weight_decay, scale=config.scale, state_policy=config.state_policy,
+                       state_dtype=config.state_dtype)
+    opt.config = config
+    _log_summary(plan, decay + no_decay)
+    return opt
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Turn every LowRankLinear of a wrapped model back into a plain nn.Linear (trained values, same keys).
+
+    Returns the model. The optimizer made by wrap_model refuses further steps afterwards.
+    """
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            module.unwrap()
+    return model
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def _plan(model: nn.Module, config: LowRankConfig, filter_fn) -> list[tuple[str, nn.Linear, LayerSpec]]:
+    """Which nn.Linear layers to project, and with which spec. Raises if none can be."""
+    owners = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    plan, too_small, linears = [], [], 0
+    for fqn, module in model.named_modules():
+        if type(module) is not nn.Linear and not (id(module) in read_directly):
+            continue
+        linears += 1
+        w = module.weight
+        if id(module) in read_directly or not w.requires_grad or owners[id(w)] > 1:
+            continue
+        if filter_fn is not None and not filter_fn(module, fqn):
+            continue
+        rank = next((r for pattern, r in config.layer_rank if fnmatch.fnmatchcase(fqn, pattern)), config.rank)
+        out_f, in_f = w.shape
+        n = min(out_f, in_f)
+        r = resolve_rank(rank, n)
+        if n <= r:
+            too_small.append((fqn, tuple(w.shape), r))
+            continue
+        side = "right" if out_f >= in_f else "left"
+        plan.append((fqn, module, LayerSpec(rank=r, side=side, basis=config.basis, norm=config.norm)))
+    if not plan:
+        if linears == 0:
+            raise ValueError(f"nothing to project: {type(model).__name__} has no nn.Linear layer")
+        if too_small:
+            largest = max(min(s) for _, s, _ in too_small)
+            raise ValueError(f"rank={config.rank!r} leaves nothing to project: every eligible nn.Linear has its "
+                             f"smaller side <= its rank (largest smaller side: {largest}); choose a rank below "
+                             f"{largest} or a fraction such as 0.25")
+        raise ValueError("nothing to project: no nn.Linear is trainable, unshared and accepted by filter_fn")
+    for fqn, shape, r in too_small:
+        logger.debug("not projected (smaller side <= rank %d): %s %s", r, fqn, shape)
+    return plan
+
+
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    """Biases and normalisation weights (Trainer's rule), by id."""
+    ids = set()
+    for module in model.modules():
+        is_norm = isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or name == "bias" or name.endswith("_bias"):
+                ids.add(id(p))
+    return ids
+
+
+def _log_summary(plan, plain: list[torch.Tensor]) -> None:
+    projected_params = sum(m.weight.numel() for _, m, _ in plan)
+    lowrank_state = sum(2 * m.lowrank_grad.numel() for _, m, _ in plan)
+    plain_params = sum(p.numel() for p in plain)
+    full_state = 2 * (projected_params + plain_params)
+    logger.info("lowrank_compile: projected %d Linear layers (%.2fM params) at ranks %s; %.2fM params on plain "
+                "AdamW; Adam state %.2fM elements vs %.2fM for AdamW (%.1f%%)", len(plan), projected_params / 1e6,
+                sorted({s.rank for _, _, s in plan}), plain_params / 1e6, (lowrank_state + 2 * plain_params) / 1e6,
+                full_state / 1e6, 100.0 * (lowrank_state + 2 * plain_params) / max(full_state, 1))
