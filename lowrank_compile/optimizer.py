@@ -43,7 +43,7 @@ def adam_direction(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
     v = exp_avg_sq.float()
     m.mul_(beta1).add_(g, alpha=1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if m.data_ptr() != exp_avg.data_ptr():
+    if m is not exp_avg:  # low-precision or quantised states: write back
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
     bc1 = 1 - beta1 ** step
@@ -151,8 +151,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._control.advance()
         return loss
 
-    def _state_dtype(self, group: dict) -> torch.dtype:
-        return _STATE_DTYPES[group["state_dtype"]]
+    def _new_state(self, shape: torch.Size, group: dict, device: torch.device) -> Tensor:
+        """A zero Adam moment of `shape` in the group's state_dtype."""
+        return torch.zeros(shape, dtype=_STATE_DTYPES[group["state_dtype"]], device=device)
 
     def _step_lowrank(self, p: Tensor, group: dict, refreshed: bool) -> None:
         layer = self._layers[p]
@@ -162,10 +163,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         spec = layer.lowrank_spec
         state = self.state[p]
         if len(state) == 0:
-            dtype = self._state_dtype(group)
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
-            state["exp_avg_sq"] = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
+            state["exp_avg"] = self._new_state(grad.shape, group, grad.device)
+            state["exp_avg_sq"] = self._new_state(grad.shape, group, grad.device)
             state["indices" if spec.basis != "svd" else "basis"] = layer.selection().clone()
         elif refreshed:
             self._follow_refresh(state, layer, group["state_policy"])
@@ -197,10 +197,9 @@ class LowRankAdamW(torch.optim.Optimizer):
             return
         state = self.state[p]
         if len(state) == 0:
-            dtype = self._state_dtype(group)
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            state["exp_avg"] = self._new_state(p.shape, group, p.device)
+            state["exp_avg_sq"] = self._new_state(p.shape, group, p.device)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         u = adam_direction(p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), beta1, beta2,
