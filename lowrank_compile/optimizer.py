@@ -15,6 +15,7 @@ AdamW with the same hyper-parameters. The class gathers; the functions below com
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from .config import STATE_POLICIES
 from .projection import LowRankLinear, RefreshControl
+from .update import adamw_, compiled, lowrank_adamw_
 
 __all__ = ["LowRankAdamW", "adam_direction", "remap_states"]
 
@@ -33,14 +35,15 @@ _UPDATE_CHUNK_ELEMS = 1 << 22
 
 def adam_direction(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float, beta2: float,
                    eps: float) -> Tensor:
-    """Update the moments in place and return Adam's bias-corrected direction u (fp32).
+    """Update the moments in place and return Adam's bias-corrected direction u (fp32; fp64 for fp64 states).
 
     Written as the reference does, m / (sqrt(v) + eps sqrt(bc2)) scaled by sqrt(bc2) / bc1, which is
     algebraically (m / bc1) / (sqrt(v / bc2) + eps).
     """
-    g = grad.float()
-    m = exp_avg.float()
-    v = exp_avg_sq.float()
+    cdt = torch.float64 if exp_avg.dtype == torch.float64 else torch.float32
+    g = grad.to(cdt)
+    m = exp_avg.to(cdt)
+    v = exp_avg_sq.to(cdt)
     m.mul_(beta1).add_(g, alpha=1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if m is not exp_avg:  # low-precision or quantised states: write back
@@ -85,6 +88,15 @@ def _apply_back_projection(w: Tensor, u: Tensor, d_r: Tensor, right: bool, alpha
         w[sl] = (w[sl].float() + alpha * delta).to(w.dtype)
 
 
+def _allow_recompiles(graphs: int) -> None:
+    """Raise dynamo's per-function recompile limit so a compiled step with many shape groups stays compiled."""
+    import torch._dynamo
+
+    need = graphs + 8
+    if torch._dynamo.config.recompile_limit < need:
+        torch._dynamo.config.recompile_limit = need
+
+
 class LowRankAdamW(torch.optim.Optimizer):
     """One optimizer for a wrapped model: low-rank Adam for projected weights, AdamW for the rest.
 
@@ -95,12 +107,41 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups: list[dict], layers: dict[Tensor, LowRankLinear], control: RefreshControl, *,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, scale: float,
-                 state_policy: str, state_dtype: str):
+                 state_policy: str, state_dtype: str, fused: bool = False, accumulate: int = 1,
+                 compile_step: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
                         state_policy=state_policy, state_dtype=state_dtype, lowrank=False)
         self._layers = layers
         self._control = control
+        self._fused = fused
+        self._accumulate = accumulate
+        self._micro_steps = 0
+        self._fused_counts: dict[Tensor, int] = {}
+        self._compile_step = compile_step
         super().__init__(param_groups, defaults)
+        if compile_step:
+            _allow_recompiles(len(param_groups) + len({(tuple(p.shape), p.dtype) for p in layers}))
+        if fused:
+            self._register_fused_hooks()
+
+    def _register_fused_hooks(self) -> None:
+        """fused=True: update each parameter inside backward as soon as its gradient is complete."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                target = self._layers[p].lowrank_grad if group["lowrank"] else p
+                handle = target.register_post_accumulate_grad_hook(
+                    functools.partial(self._fused_hook, param=p, group=group))
+                self._control.hooks.append(handle)
+
+    @torch.no_grad()
+    def _fused_hook(self, grad_holder: Tensor, *, param: Tensor, group: dict) -> None:
+        count = self._fused_counts.get(param, 0) + 1
+        if count < self._accumulate:
+            self._fused_counts[param] = count
+            return
+        self._fused_counts[param] = 0
+        self._update(group, [param])
+        grad_holder.grad = None
 
     # -- bookkeeping -------------------------------------------------------------------------------
     @property
@@ -120,6 +161,9 @@ class LowRankAdamW(torch.optim.Optimizer):
                 )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear plain and rank-r gradients; a no-op between the micro-batches of one accumulated step."""
+        if self._micro_steps != 0:
+            return
         super().zero_grad(set_to_none=set_to_none)
         for layer in self._layers.values():
             carrier = layer._parameters.get("lowrank_grad")
@@ -136,39 +180,105 @@ class LowRankAdamW(torch.optim.Optimizer):
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        """Apply one update to every parameter that has a gradient, then advance the step counter.
+
+        With ``accumulate=k`` only every k-th call updates (the others return at once), so a loop that calls
+        backward / step / zero_grad per micro-batch needs no change. With ``fused=True`` the updates already
+        ran inside backward and step only advances the counter.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_wrapped()
-        refreshed = self._control.refresh
-        for group in self.param_groups:
-            for p in group["params"]:
-                if group["lowrank"]:
-                    self._step_lowrank(p, group, refreshed)
-                else:
-                    self._step_plain(p, group)
+        self._micro_steps += 1
+        if self._micro_steps < self._accumulate:
+            return loss
+        self._micro_steps = 0
+        if not self._fused:
+            for group in self.param_groups:
+                self._update(group, group["params"])
         self._control.advance()
         return loss
 
-    def _new_state(self, shape: torch.Size, group: dict, device: torch.device) -> Tensor:
-        """A zero Adam moment of `shape` in the group's state_dtype."""
-        return torch.zeros(shape, dtype=_STATE_DTYPES[group["state_dtype"]], device=device)
+    def _grad(self, p: Tensor, group: dict) -> Tensor | None:
+        return self._layers[p].lowrank_grad.grad if group["lowrank"] else p.grad
 
-    def _step_lowrank(self, p: Tensor, group: dict, refreshed: bool) -> None:
-        layer = self._layers[p]
-        grad = layer.lowrank_grad.grad
-        if grad is None:
-            return
-        spec = layer.lowrank_spec
+    def _update(self, group: dict, params: list[Tensor]) -> None:
+        """Update the params of one group that have a gradient: same-shape batches, then the rest one by one."""
+        batches: dict[tuple, list[Tensor]] = {}
+        singles = []
+        for p in params:
+            grad = self._grad(p, group)
+            if grad is None:
+                continue
+            self._prepare_state(p, group, grad)
+            key = self._batch_key(p, group)
+            if key is None:
+                singles.append(p)
+            else:
+                batches.setdefault(key, []).append(p)
+        for batch in batches.values():
+            self._update_batch(group, batch)
+        for p in singles:
+            if group["lowrank"]:
+                self._step_lowrank(p, group)
+            else:
+                self._step_plain(p, group)
+
+    def _prepare_state(self, p: Tensor, group: dict, grad: Tensor) -> None:
+        """Create the states on first use; after a refresh, bring a layer's states into its new basis."""
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = self._new_state(grad.shape, group, grad.device)
-            state["exp_avg_sq"] = self._new_state(grad.shape, group, grad.device)
-            state["indices" if spec.basis != "svd" else "basis"] = layer.selection().clone()
-        elif refreshed:
-            self._follow_refresh(state, layer, group["state_policy"])
+            state["exp_avg"] = self._new_state(grad.shape, group, p)
+            state["exp_avg_sq"] = self._new_state(grad.shape, group, p)
+            if group["lowrank"]:
+                layer = self._layers[p]
+                state["indices" if layer.lowrank_spec.basis != "svd" else "basis"] = layer.selection().clone()
+        elif group["lowrank"] and self._layers[p]._lowrank_refreshed:
+            self._follow_refresh(state, self._layers[p], group["state_policy"])
+
+    def _batch_key(self, p: Tensor, group: dict) -> tuple | None:
+        """Params with equal keys are updated by one call of a list function; None: update alone."""
+        state = self.state[p]
+        m = state["exp_avg"]
+        if p.dtype not in (torch.float32, torch.float64) or type(m) is not torch.Tensor:
+            return None
+        if group["lowrank"]:
+            spec = self._layers[p].lowrank_spec
+            return (tuple(p.shape), p.dtype, m.dtype, spec.right, spec.basis)
+        return (tuple(p.shape), p.dtype, m.dtype)
+
+    def _update_batch(self, group: dict, params: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        lr = torch.tensor(group["lr"], dtype=torch.float64)
+        common = dict(lr=lr, weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+        if group["lowrank"]:
+            layers = [self._layers[p] for p in params]
+            fn = compiled(lowrank_adamw_) if self._compile_step else lowrank_adamw_
+            fn(params, [layer.lowrank_grad.grad for layer in layers], *moments[:2],
+               [layer.columns(params[0].dtype) for layer in layers], moments[2], scale=group["scale"],
+               right=layers[0].lowrank_spec.right, **common)
+        else:
+            fn = compiled(adamw_) if self._compile_step else adamw_
+            fn(params, [p.grad for p in params], *moments, **common)
+
+    def _new_state(self, shape: torch.Size, group: dict, like: Tensor) -> Tensor:
+        """A zero Adam moment of `shape` in the group's state_dtype ("fp32" means fp64 next to fp64 weights)."""
+        dtype = _STATE_DTYPES[group["state_dtype"]]
+        if dtype == torch.float32 and like.dtype == torch.float64:
+            dtype = torch.float64
+        return torch.zeros(shape, dtype=dtype, device=like.device)
+
+    def _step_lowrank(self, p: Tensor, group: dict) -> None:
+        """One projected layer whose states are ready (low-precision weights or quantised states)."""
+        layer = self._layers[p]
+        grad = layer.lowrank_grad.grad
+        spec = layer.lowrank_spec
+        state = self.state[p]
         state["step"] += 1
         beta1, beta2 = group["betas"]
         u = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), beta1, beta2,
@@ -193,13 +303,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         state[key].copy_(layer.selection())
 
     def _step_plain(self, p: Tensor, group: dict) -> None:
-        if p.grad is None:
-            return
+        """One plain parameter whose states are ready (low-precision weights or quantised states)."""
         state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = self._new_state(p.shape, group, p.device)
-            state["exp_avg_sq"] = self._new_state(p.shape, group, p.device)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         u = adam_direction(p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), beta1, beta2,
@@ -224,17 +329,19 @@ class LowRankAdamW(torch.optim.Optimizer):
         if global_step is None:
             raise ValueError("this state_dict has no 'global_step': it was not saved from a LowRankAdamW")
         super().load_state_dict(state_dict)
+        # torch.optim.Optimizer.load_state_dict casts every state tensor but "step" to its parameter's dtype,
+        # calling Optimizer._process_value_according_to_param_policy by class name (an override is never
+        # used): int64 indices would come back as floats, fp32 states next to bf16 weights as bf16. Put the
+        # saved tensors back in their own dtype (ids map to params in order, as torch does).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if isinstance(value, Tensor) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
         self._control.set_step(int(global_step))
         for p, layer in self._layers.items():
             state = self.state.get(p)
             if state:
                 key = "basis" if layer.lowrank_spec.basis == "svd" else "indices"
                 layer.selection().copy_(state[key])
-
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # torch.optim casts floating states to the parameter's dtype; ours keep their own dtype
-        # (fp32 states next to bf16 weights, int64 indices).
-        if key == "step":
-            return value
-        return value.to(device=param.device)

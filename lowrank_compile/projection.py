@@ -49,24 +49,35 @@ class LayerSpec:
 class RefreshControl:
     """Step counter shared by the wrapped layers of one model and their optimizer.
 
-    ``refresh`` says whether the coming backward re-selects the basis. It is a plain bool read in forward,
-    so torch.compile keeps exactly two graphs (refresh and ordinary) and never recompiles between them;
-    it changes only in ``advance`` (called by the optimizer's step), so a recomputed forward under
-    activation checkpointing makes the same decision as the original one.
+    Each layer reads its own plain-bool ``_lowrank_refresh`` in forward, so torch.compile keeps exactly two
+    graphs (refresh and ordinary) and never recompiles between them. ``advance`` (the optimizer's step)
+    sets every layer's flag for the coming step; a layer's flag drops back to False as soon as its refresh
+    backward has delivered its gradient, so further micro-batches of the same step (gradient
+    accumulation) reuse the basis selected from the first one. A recomputed forward under activation
+    checkpointing runs before its layer's backward and so makes the same decision as the original one.
     """
 
     def __init__(self, update_gap: int):
         self.update_gap = update_gap
         self.step = 0  # completed optimizer steps
-        self.refresh = True
+        self.layers: list["LowRankLinear"] = []
+        self.hooks: list = []  # removable handles of the optimizer's in-backward updates (fused=True)
 
     def is_refresh_step(self, t: int) -> bool:
         """Step t (counting from 1) refreshes when t == 1 or t % update_gap == 0, as the reference does."""
         return t == 1 or t % self.update_gap == 0
 
+    @property
+    def refresh(self) -> bool:
+        """Whether the coming step (global_step + 1) is a refresh step."""
+        return self.is_refresh_step(self.step + 1)
+
     def set_step(self, step: int) -> None:
         self.step = step
-        self.refresh = self.is_refresh_step(step + 1)
+        refresh = self.refresh
+        for layer in self.layers:
+            layer._lowrank_refresh = refresh
+            layer._lowrank_refreshed = False
 
     def advance(self) -> None:
         self.set_step(self.step + 1)
@@ -160,10 +171,15 @@ class LowRankLinear(nn.Linear):
         linear.__class__ = cls
         linear.lowrank_spec = spec
         linear._lowrank_control = control
+        linear._lowrank_refresh = control.refresh
+        linear._lowrank_refreshed = False
+        control.layers.append(linear)
         w = linear.weight
         w.requires_grad_(False)
         carrier_shape = (out_f, r) if spec.right else (r, in_f)
-        linear.register_parameter(CARRIER, nn.Parameter(torch.zeros(carrier_shape, dtype=w.dtype, device=w.device)))
+        carrier = nn.Parameter(torch.zeros(carrier_shape, dtype=w.dtype, device=w.device))
+        linear.register_parameter(CARRIER, carrier)
+        linear._lowrank_hook = carrier.register_post_accumulate_grad_hook(linear._lowrank_grad_ready)
         n = in_f if spec.right else out_f
         if spec.basis == "svd":
             linear.register_buffer(SVD_BASIS, torch.zeros(n, r, dtype=table_dtype(w.dtype), device=w.device),
@@ -175,13 +191,22 @@ class LowRankLinear(nn.Linear):
 
     def unwrap(self) -> nn.Linear:
         """Back to a plain nn.Linear with the trained weight (same storage); drops the carrier and indices."""
+        self._lowrank_hook.remove()
         del self._parameters[CARRIER]
         self._buffers.pop(INDEX, None)
         self._buffers.pop(SVD_BASIS, None)
-        del self.lowrank_spec, self._lowrank_control
+        self._lowrank_control.layers.remove(self)
+        for attr in ("lowrank_spec", "_lowrank_control", "_lowrank_refresh", "_lowrank_refreshed", "_lowrank_hook"):
+            delattr(self, attr)
         self.weight.requires_grad_(True)
         self.__class__ = nn.Linear
         return self
+
+    def _lowrank_grad_ready(self, carrier: Tensor) -> None:
+        """Runs when backward has accumulated this layer's rank-r gradient (eagerly, also under compile)."""
+        if self._lowrank_refresh:
+            self._lowrank_refresh = False
+            self._lowrank_refreshed = True
 
     @property
     def basis_size(self) -> int:
@@ -209,7 +234,7 @@ class LowRankLinear(nn.Linear):
         if spec.basis != "svd":
             table = basis_matrix(spec.basis, self.basis_size, table_dtype(self.weight.dtype), self.weight.device)
         return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), table, spec.right,
-                                        spec.basis, norm_order(spec.norm), self._lowrank_control.refresh)
+                                        spec.basis, norm_order(spec.norm), self._lowrank_refresh)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -38,6 +38,8 @@ def wrap_model(
     scale: float = 1.0,
     layer_rank: Mapping[str, int | float] | None = None,
     decay_all: bool = False,
+    accumulate: int = 1,
+    compile_step: bool = False,
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
 
@@ -61,11 +63,19 @@ def wrap_model(
         state_policy: "match" (default), "keep" or "reset": what Adam's states do when the basis changes.
         state_dtype: "fp32" (default) or "bf16" Adam states.
         filter_fn: (module, fqn) -> bool, which nn.Linear layers to project (default: all eligible).
-        fused: reserved for updates inside backward (not available yet: raises).
+        fused: run each parameter's update inside backward as soon as its gradient is complete, so no
+            gradient (full or rank-r) outlives backward; ``opt.step()`` then only advances the step counter.
+            Under torch.compile, compile per block (see ``compile_blocks``) to keep the saving.
         scale: multiplies the low-rank update (the paper's alpha); default 1.
         layer_rank: {fnmatch pattern on the layer's fqn: rank} giving some layers their own rank (first
             matching pattern wins), e.g. {"*.mlp.*": 64, "lm_head": 0.1}.
         decay_all: apply weight decay to every parameter, biases and norms included (the reference code).
+        accumulate: micro-batches per optimizer step. Call backward / step / zero_grad once per micro-batch
+            as usual: gradients (rank-r too) add up over k micro-batches and the k-th step() (or, fused, the
+            k-th backward) applies one update. Scale the loss by 1/k yourself. A refresh selects the basis
+            from the first micro-batch of its step; later ones reuse it.
+        compile_step: run the update of each group of same-shape layers as one torch.compile'd graph
+            (lr and step counts are tensors: schedules never recompile). Pays on GPUs; compiles once per shape.
 
     Returns:
         a :class:`LowRankAdamW` that owns every trainable parameter of the model.
@@ -81,8 +91,8 @@ def wrap_model(
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` clips them together with the plain
     gradients (the norm is that of the projected gradients, which is at most the full gradient's).
     """
-    if fused:
-        raise NotImplementedError("fused=True (updates inside backward) is not available yet; use fused=False")
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be an int >= 1 (micro-batches per step), got {accumulate!r}")
     config = LowRankConfig(rank=rank, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                            update_gap=update_gap, basis=basis, norm=norm, state_policy=state_policy,
                            state_dtype=state_dtype, fused=fused, scale=scale,
@@ -115,7 +125,8 @@ def wrap_model(
         groups.append(dict(params=no_decay, lowrank=False, weight_decay=0.0))
     opt = LowRankAdamW(groups, layers, control, lr=config.lr, betas=config.betas, eps=config.eps,
                        weight_decay=config.weight_decay, scale=config.scale, state_policy=config.state_policy,
-                       state_dtype=config.state_dtype)
+                       state_dtype=config.state_dtype, fused=config.fused, accumulate=accumulate,
+                       compile_step=compile_step)
     opt.config = config
     _log_summary(plan, decay + no_decay)
     return opt
@@ -124,10 +135,15 @@ def wrap_model(
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Turn every LowRankLinear of a wrapped model back into a plain nn.Linear (trained values, same keys).
 
-    Returns the model. The optimizer made by wrap_model refuses further steps afterwards.
+    Returns the model. The optimizer made by wrap_model refuses further steps afterwards, and its
+    in-backward updates (fused=True) are removed.
     """
-    for module in model.modules():
+    for module in list(model.modules()):
         if isinstance(module, LowRankLinear):
+            control = module._lowrank_control
+            for handle in control.hooks:
+                handle.remove()
+            control.hooks.clear()
             module.unwrap()
     return model
 

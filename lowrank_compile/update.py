@@ -1,0 +1,70 @@
+"""The AdamW updates as pure functions over lists of same-shape tensors, compiled once per shape group.
+
+The optimizer gathers the layers of one shape (and kind) into lists and calls one of these functions;
+torch.compile turns each call signature into one graph with every element-wise op fused, so a 24-block
+model runs a handful of graphs per step instead of hundreds of small kernels. lr and the step counts
+are tensors, so schedules and the passing of steps never recompile.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["lowrank_adamw_", "adamw_", "compiled"]
+
+
+def _moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
+                       ) -> Tensor:
+    """Update m, v in place; return Adam's bias-corrected direction in fp32 (fp64 for fp64 states)."""
+    cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
+    g = g.to(cdt)
+    mf = m.to(cdt)
+    vf = v.to(cdt)
+    mf.mul_(beta1).add_(g, alpha=1 - beta1)
+    vf.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if mf is not m:
+        m.copy_(mf)
+        v.copy_(vf)
+    step = step.to(cdt)
+    bc1 = 1 - beta1 ** step
+    sqrt_bc2 = (1 - beta2 ** step).sqrt()
+    return mf / (vf.sqrt() + eps * sqrt_bc2) * (sqrt_bc2 / bc1)
+
+
+def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                   cols: list[Tensor], steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float,
+                   beta2: float, eps: float, scale: float, right: bool) -> None:
+    """Low-rank AdamW on fp32/fp64 weights W, in place: W (1 - lr wd) - lr scale back(u).
+
+    grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); cols: D_r, (n, r); steps: 0-d tensors.
+    """
+    for w, g, m, v, d_r, step in zip(weights, grads, exp_avgs, exp_avg_sqs, cols, steps):
+        step.add_(1)
+        u = _moments_direction(g, m, v, step, beta1, beta2, eps)
+        u = (u * (-lr * scale)).to(w.dtype)
+        d_r = d_r.to(w.dtype)
+        if weight_decay != 0:
+            w.mul_(1 - lr * weight_decay)
+        if right:
+            w.addmm_(u, d_r.t())  # (out, r) @ (r, in)
+        else:
+            w.addmm_(d_r, u)  # (out, r) @ (r, in)
+
+
+def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+           steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float, beta2: float, eps: float) -> None:
+    """Plain AdamW on fp32/fp64 parameters, in place."""
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step.add_(1)
+        u = _moments_direction(g, m, v, step, beta1, beta2, eps)
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        p.sub_((u * lr).to(p.dtype))
+
+
+@functools.cache
+def compiled(fn):
+    """fn compiled with static shapes; one graph per call signature (shape group)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
