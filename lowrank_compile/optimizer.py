@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import quant
 from .config import STATE_POLICIES
 from .projection import LowRankLinear, RefreshControl
 from .update import adamw_, compiled, lowrank_adamw_
@@ -42,8 +43,8 @@ def adam_direction(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
     """
     cdt = torch.float64 if exp_avg.dtype == torch.float64 else torch.float32
     g = grad.to(cdt)
-    m = exp_avg.to(cdt)
-    v = exp_avg_sq.to(cdt)
+    m = quant.dequantize(exp_avg, cdt)  # torchao states: .to() only changes their appearance dtype
+    v = quant.dequantize(exp_avg_sq, cdt)
     m.mul_(beta1).add_(g, alpha=1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if m is not exp_avg:  # low-precision or quantised states: write back
@@ -63,15 +64,22 @@ def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: in
     src = same.to(torch.int8).argmax(dim=1)
     kept = same.any(dim=1)
     for s in states:
-        moved = s.index_select(dim, src)
+        moved = quant.dequantize(s).index_select(dim, src)
         shape = [1, 1]
         shape[dim] = -1
         s.copy_(moved * kept.view(shape).to(moved.dtype))
 
 
-def _apply_back_projection(w: Tensor, u: Tensor, d_r: Tensor, right: bool, alpha: float) -> None:
-    """W += alpha * back(u), computed in fp32 and written into W without a full-size temporary for fp32."""
+def _apply_back_projection(w: Tensor, u: Tensor, d_r: Tensor, right: bool, alpha: float, decay: float = 1.0,
+                           generator: torch.Generator | None = None) -> None:
+    """W = decay * W + alpha * back(u), in fp32, written into W without a full-size temporary for fp32.
+
+    Low-precision weights are computed in fp32 row chunks and rounded once when written back: bf16 weights
+    stochastically when a generator is given (quant.round_to_bf16), to nearest otherwise.
+    """
     if w.dtype in (torch.float32, torch.float64):
+        if decay != 1.0:
+            w.mul_(decay)
         u = u.to(w.dtype)
         d_r = d_r.to(w.dtype)
         if right:
@@ -79,13 +87,13 @@ def _apply_back_projection(w: Tensor, u: Tensor, d_r: Tensor, right: bool, alpha
         else:
             w.addmm_(d_r, u, alpha=alpha)  # (out, r) @ (r, in)
         return
-    # Low-precision weights: fp32 in row chunks, rounded once when written back.
     out_f, in_f = w.shape
     rows = max(1, _UPDATE_CHUNK_ELEMS // in_f)
     for start in range(0, out_f, rows):
         sl = slice(start, start + rows)
         delta = u[sl] @ d_r.t() if right else d_r[sl] @ u
-        w[sl] = (w[sl].float() + alpha * delta).to(w.dtype)
+        new = w[sl].float().mul_(decay).add_(delta, alpha=alpha)  # decay in fp32: rounded alone, it is lost
+        w[sl] = quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype)
 
 
 def _allow_recompiles(graphs: int) -> None:
@@ -108,9 +116,10 @@ class LowRankAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict], layers: dict[Tensor, LowRankLinear], control: RefreshControl, *,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, scale: float,
                  state_policy: str, state_dtype: str, fused: bool = False, accumulate: int = 1,
-                 compile_step: bool = False):
+                 compile_step: bool = False, stochastic_round: bool = True, seed: int = 0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
-                        state_policy=state_policy, state_dtype=state_dtype, lowrank=False)
+                        state_policy=state_policy, state_dtype=state_dtype, lowrank=False,
+                        stochastic_round=stochastic_round, seed=seed)
         self._layers = layers
         self._control = control
         self._fused = fused
@@ -232,7 +241,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         if len(state) == 0:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = self._new_state(grad.shape, group, p)
-            state["exp_avg_sq"] = self._new_state(grad.shape, group, p)
+            state["exp_avg_sq"] = self._new_state(grad.shape, group, p, signed=False)
             if group["lowrank"]:
                 layer = self._layers[p]
                 state["indices" if layer.lowrank_spec.basis != "svd" else "basis"] = layer.selection().clone()
@@ -266,12 +275,15 @@ class LowRankAdamW(torch.optim.Optimizer):
             fn = compiled(adamw_) if self._compile_step else adamw_
             fn(params, [p.grad for p in params], *moments, **common)
 
-    def _new_state(self, shape: torch.Size, group: dict, like: Tensor) -> Tensor:
-        """A zero Adam moment of `shape` in the group's state_dtype ("fp32" means fp64 next to fp64 weights)."""
-        dtype = _STATE_DTYPES[group["state_dtype"]]
-        if dtype == torch.float32 and like.dtype == torch.float64:
-            dtype = torch.float64
-        return torch.zeros(shape, dtype=dtype, device=like.device)
+    def _new_state(self, shape: torch.Size, group: dict, like: Tensor, signed: bool = True) -> Tensor:
+        """A zero Adam moment of `shape` in the group's state_dtype ("fp32" means fp64 next to fp64 weights).
+
+        Quantised kinds are torchao subclasses (see quant.py); shapes too small or not a multiple of the
+        block size stay fp32. signed: False for the second moment (torchao's unsigned code map).
+        """
+        if group["state_dtype"] == "fp32" and like.dtype == torch.float64:
+            return torch.zeros(shape, dtype=torch.float64, device=like.device)
+        return quant.new_state(shape, group["state_dtype"], signed=signed, device=like.device)
 
     def _step_lowrank(self, p: Tensor, group: dict) -> None:
         """One projected layer whose states are ready (low-precision weights or quantised states)."""
@@ -284,17 +296,16 @@ class LowRankAdamW(torch.optim.Optimizer):
         u = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), beta1, beta2,
                            group["eps"])
         lr = group["lr"]
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
         _apply_back_projection(p, u, layer.columns(torch.float32 if p.dtype != torch.float64 else torch.float64),
-                               spec.right, -lr * group["scale"])
+                               spec.right, -lr * group["scale"], decay=1 - lr * group["weight_decay"],
+                               generator=self._rounding_generator(p, group, state))
 
     def _follow_refresh(self, state: dict, layer: LowRankLinear, policy: str) -> None:
         """Bring the states of one layer into its newly selected basis (METHOD.md section 4)."""
         moments = [state["exp_avg"], state["exp_avg_sq"]]
         if policy == "reset":
             for s in moments:
-                s.zero_()
+                quant.zero_(s)
         elif policy == "match":
             remap_states(moments, state["indices"], layer.selection(), dim=1 if layer.lowrank_spec.right else 0)
         elif policy != "keep":
@@ -310,12 +321,28 @@ class LowRankAdamW(torch.optim.Optimizer):
         u = adam_direction(p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), beta1, beta2,
                            group["eps"])
         lr = group["lr"]
-        if group["weight_decay"] != 0:
-            p.mul_(1 - lr * group["weight_decay"])
         if p.dtype in (torch.float32, torch.float64):
+            if group["weight_decay"] != 0:
+                p.mul_(1 - lr * group["weight_decay"])
             p.add_(u.to(p.dtype), alpha=-lr)
-        else:
-            p.copy_((p.float() - lr * u).to(p.dtype))
+        else:  # decay and update in fp32, rounded once (stochastically for bf16 unless switched off)
+            new = p.float().mul_(1 - lr * group["weight_decay"]).sub_(u, alpha=lr)
+            generator = self._rounding_generator(p, group, state)
+            p.copy_(quant.round_to_bf16(new, generator) if p.dtype == torch.bfloat16 else new.to(p.dtype))
+
+    def _rounding_generator(self, p: Tensor, group: dict, state: dict) -> torch.Generator | None:
+        """The generator for stochastically rounding bf16 weight p at this step, or None (round to nearest).
+
+        Seeded from (group["seed"], p's position among the optimizer's params, state["step"]), so the bits are
+        the same on every rank and repeat exactly after a resume (see quant.py).
+        """
+        if p.dtype != torch.bfloat16 or not group.get("stochastic_round", True):
+            return None
+        index = getattr(self, "_param_index", None)
+        if index is None or p not in index:
+            index = self._param_index = {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        key = quant.rounding_key(int(group.get("seed", 0)), index[p], int(state["step"].item()))
+        return quant.rounding_generator(key, p.device)
 
     # -- state_dict --------------------------------------------------------------------------------
     def state_dict(self) -> dict:

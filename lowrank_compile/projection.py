@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .basis import basis_matrix, transform_rows
-from .selection import left_scores, norm_order, right_scores, select_top_r
+from .selection import (left_scores, norm_order, right_scores, select_top_r, sketch_matrix, sketched_left_scores,
+                        sketched_right_scores)
 
 __all__ = ["LayerSpec", "RefreshControl", "LowRankLinear", "table_dtype"]
 
@@ -57,11 +58,14 @@ class RefreshControl:
     checkpointing runs before its layer's backward and so makes the same decision as the original one.
     """
 
-    def __init__(self, update_gap: int):
+    def __init__(self, update_gap: int, sketch_rows: int = 0, seed: int = 0):
         self.update_gap = update_gap
+        self.sketch_rows = sketch_rows  # 0: exact scores; k > 0: scores from a k-row random sketch
+        self.seed = seed
         self.step = 0  # completed optimizer steps
         self.layers: list["LowRankLinear"] = []
         self.hooks: list = []  # removable handles of the optimizer's in-backward updates (fused=True)
+        self.sketches: dict[tuple, Tensor] = {}  # (m, p, device) -> (k, m) sketch, redrawn before each refresh
 
     def is_refresh_step(self, t: int) -> bool:
         """Step t (counting from 1) refreshes when t == 1 or t % update_gap == 0, as the reference does."""
@@ -78,6 +82,21 @@ class RefreshControl:
         for layer in self.layers:
             layer._lowrank_refresh = refresh
             layer._lowrank_refreshed = False
+        if refresh:
+            for key, omega in self.sketches.items():
+                omega.copy_(self._draw_sketch(*key))
+
+    def sketch(self, m: int, p: int, device: torch.device) -> Tensor:
+        """The shared (k, m) sketch for the non-basis side m, the same on every process for a given step."""
+        key = (m, p, torch.device(device))
+        omega = self.sketches.get(key)
+        if omega is None:
+            omega = self.sketches[key] = self._draw_sketch(*key)
+        return omega
+
+    def _draw_sketch(self, m: int, p: int, device: torch.device) -> Tensor:
+        seed = (self.seed * 1_000_003 + self.step) * 65_537 + m * 3 + p
+        return sketch_matrix(self.sketch_rows, m, p, seed).to(device)
 
     def advance(self) -> None:
         self.set_step(self.step + 1)
@@ -95,11 +114,12 @@ def svd_basis(g: Tensor, r: int, right: bool) -> Tensor:
 
 
 def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec_right: bool, kind: str,
-                p: int, refresh: bool) -> Tensor:
+                p: int, refresh: bool, omega: Tensor | None = None) -> Tensor:
     """G_low of one layer from inputs x2 (T, in) and output gradients g2 (T, out), both of dtype cdt.
 
     proj is the layer's int64 index buffer (fixed bases) or its (n, r) basis buffer (svd); on a refresh
-    step it is overwritten in place with the new selection.
+    step it is overwritten in place with the new selection. omega: a (k, m) sketch of the non-basis side for
+    estimated scores, or None for exact ones.
     """
     cdt = g2.dtype
     if kind == "svd":
@@ -116,11 +136,13 @@ def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec
             r = proj.shape[0]
             if spec_right:
                 xd = transform_rows(kind, x2, table)  # (T, n): x in basis coordinates
-                idx = select_top_r(right_scores(g2, xd, p), r)
+                scores = right_scores(g2, xd, p) if omega is None else sketched_right_scores(g2, xd, omega, p)
+                idx = select_top_r(scores, r)
                 proj.copy_(idx)
                 return g2.t() @ xd.index_select(1, idx)  # (out, T) @ (T, r)
             gd = transform_rows(kind, g2, table)  # (T, n): gy in basis coordinates
-            idx = select_top_r(left_scores(gd, x2, p), r)
+            scores = left_scores(gd, x2, p) if omega is None else sketched_left_scores(gd, x2, omega, p)
+            idx = select_top_r(scores, r)
             proj.copy_(idx)
             return gd.index_select(1, idx).t() @ x2  # (r, T) @ (T, in)
         d_r = table.index_select(1, proj).to(cdt)  # (n, r)
@@ -133,14 +155,14 @@ class _ProjectedLinearFn(torch.autograd.Function):
     """y = x W^T + b; backward: exact grad of x and b, rank-r grad of W delivered to the carrier."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, carrier, proj, table, right: bool, kind: str, p: int, refresh: bool):
-        ctx.save_for_backward(x, weight, proj, table)
+    def forward(ctx, x, weight, bias, carrier, proj, table, omega, right: bool, kind: str, p: int, refresh: bool):
+        ctx.save_for_backward(x, weight, proj, table, omega)
         ctx.meta = (right, kind, p, refresh, carrier.dtype, None if bias is None else bias.dtype)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, proj, table = ctx.saved_tensors
+        x, weight, proj, table, omega = ctx.saved_tensors
         right, kind, p, refresh, carrier_dtype, bias_dtype = ctx.meta
         cdt = gy.dtype
         g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
@@ -151,8 +173,8 @@ class _ProjectedLinearFn(torch.autograd.Function):
             grad_bias = g2.sum(0).to(bias_dtype)
         if ctx.needs_input_grad[3]:
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)  # (T, in)
-            grad_low = rank_r_grad(x2, g2, proj, table, right, kind, p, refresh).to(carrier_dtype)
-        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None
+            grad_low = rank_r_grad(x2, g2, proj, table, right, kind, p, refresh, omega).to(carrier_dtype)
+        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None
 
 
 class LowRankLinear(nn.Linear):
@@ -187,6 +209,8 @@ class LowRankLinear(nn.Linear):
         else:
             linear.register_buffer(INDEX, torch.arange(r, dtype=torch.int64, device=w.device), persistent=False)
             basis_matrix(spec.basis, n, table_dtype(w.dtype), w.device)  # build the shared table now, not in a graph
+            if control.sketch_rows:
+                control.sketch(out_f if spec.right else in_f, norm_order(spec.norm), w.device)
         return linear
 
     def unwrap(self) -> nn.Linear:
@@ -213,6 +237,12 @@ class LowRankLinear(nn.Linear):
         out_f, in_f = self.weight.shape
         return in_f if self.lowrank_spec.right else out_f
 
+    @property
+    def other_size(self) -> int:
+        """The side that is not projected (out for right projection, in for left)."""
+        out_f, in_f = self.weight.shape
+        return out_f if self.lowrank_spec.right else in_f
+
     def selection(self) -> Tensor:
         """The layer's current projection: int64 indices (r,) for dct/random, the (n, r) basis for svd."""
         return getattr(self, SVD_BASIS) if self.lowrank_spec.basis == "svd" else getattr(self, INDEX)
@@ -230,11 +260,13 @@ class LowRankLinear(nn.Linear):
         if not (torch.is_grad_enabled() and (carrier.requires_grad or x.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         spec = self.lowrank_spec
-        table = None
+        table = omega = None
         if spec.basis != "svd":
             table = basis_matrix(spec.basis, self.basis_size, table_dtype(self.weight.dtype), self.weight.device)
-        return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), table, spec.right,
-                                        spec.basis, norm_order(spec.norm), self._lowrank_refresh)
+            if self._lowrank_control.sketch_rows:
+                omega = self._lowrank_control.sketch(self.other_size, norm_order(spec.norm), self.weight.device)
+        return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), table, omega,
+                                        spec.right, spec.basis, norm_order(spec.norm), self._lowrank_refresh)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["SCORE_BLOCK", "right_scores", "left_scores", "select_top_r", "norm_order"]
+__all__ = ["SCORE_BLOCK", "right_scores", "left_scores", "select_top_r", "norm_order", "sketch_matrix",
+           "sketched_right_scores", "sketched_left_scores"]
 
 # Basis columns per block of the score computation. 256 was as fast as the unblocked product on a
 # 2-core CPU (64 was slower); the block bounds the live slice to (out, 256) or (256, in).
@@ -57,3 +58,47 @@ def select_top_r(scores: Tensor, r: int) -> Tensor:
     The order is fixed (sorted) so that slot k of a "keep" state always holds the k-th best column.
     """
     return torch.topk(scores, r, largest=True, sorted=True).indices
+
+
+def sketch_matrix(k: int, m: int, p: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A (k, m) random sketch for estimating p-norms: Cauchy entries for p=1, standard Gaussian for p=2.
+
+    Drawn on CPU from a generator seeded by `seed` alone, so every process draws the same matrix.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if p == 1:
+        u = torch.rand(k, m, generator=gen, dtype=torch.float64)
+        omega = torch.tan(torch.pi * (u - 0.5))  # standard Cauchy: 1-stable
+    else:
+        omega = torch.randn(k, m, generator=gen, dtype=torch.float64)
+    return omega.to(dtype)
+
+
+def _sketch_norm(s: Tensor, p: int, dim: int) -> Tensor:
+    """Estimate p-norms from k sketched projections along `dim`.
+
+    p=1: each entry is Cauchy with scale ||.||_1, and the median of |standard Cauchy| is 1 (Indyk, 2006).
+    p=2: each entry is Gaussian with variance ||.||_2^2.
+    """
+    s = s.float() if s.dtype != torch.float64 else s
+    if p == 1:
+        return s.abs().median(dim=dim).values
+    return s.square().mean(dim=dim).sqrt()
+
+
+def sketched_right_scores(gy: Tensor, xd: Tensor, omega: Tensor, p: int) -> Tensor:
+    """Estimated right-projection scores from a k-row sketch of the output gradient: (gy Ω^T)^T (x D).
+
+    gy: (T, out); xd: (T, n); omega: (k, out). Costs T k (out + n) instead of T out n.
+    """
+    gs = gy @ omega.to(gy.dtype).t()  # (T, k)
+    return _sketch_norm(gs.t() @ xd, p, dim=0)  # (k, n) -> (n,)
+
+
+def sketched_left_scores(gd: Tensor, x: Tensor, omega: Tensor, p: int) -> Tensor:
+    """Estimated left-projection scores from a k-column sketch of the input: (gy D)^T (x Ω^T).
+
+    gd: (T, n); x: (T, in); omega: (k, in).
+    """
+    xs = x @ omega.to(x.dtype).t()  # (T, k)
+    return _sketch_norm(gd.t() @ xs, p, dim=1)  # (n, k) -> (n,)

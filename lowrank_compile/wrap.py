@@ -9,6 +9,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from . import quant
 from .config import DEFAULT_STATE_POLICY, DEFAULT_UPDATE_GAP, LowRankConfig, resolve_rank
 from .optimizer import LowRankAdamW
 from .projection import LayerSpec, LowRankLinear, RefreshControl
@@ -40,6 +41,9 @@ def wrap_model(
     decay_all: bool = False,
     accumulate: int = 1,
     compile_step: bool = False,
+    sketch_rows: int = 0,
+    seed: int = 0,
+    stochastic_round: bool = True,
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
 
@@ -61,7 +65,10 @@ def wrap_model(
             only) or "random" (a fixed seeded orthonormal basis).
         norm: "l1" (default) or "l2": how basis columns are ranked at a refresh.
         state_policy: "match" (default), "keep" or "reset": what Adam's states do when the basis changes.
-        state_dtype: "fp32" (default) or "bf16" Adam states.
+        state_dtype: how Adam's states are stored, for projected and plain parameters alike: "fp32"
+            (default), "bf16", or torchao's block-quantised "int8", "int4", "fp8". States with fewer than 4096
+            elements or not a multiple of the block size (256; 128 for int4) stay fp32 (logged). The update
+            math is fp32 in every case.
         filter_fn: (module, fqn) -> bool, which nn.Linear layers to project (default: all eligible).
         fused: run each parameter's update inside backward as soon as its gradient is complete, so no
             gradient (full or rank-r) outlives backward; ``opt.step()`` then only advances the step counter.
@@ -74,6 +81,13 @@ def wrap_model(
             as usual: gradients (rank-r too) add up over k micro-batches and the k-th step() (or, fused, the
             k-th backward) applies one update. Scale the loss by 1/k yourself. A refresh selects the basis
             from the first micro-batch of its step; later ones reuse it.
+        sketch_rows: 0 (default) ranks basis columns by their exact scores (the reference algorithm); k > 0
+            estimates them from a k-row random sketch of the gradient's other side (Cauchy for l1, Gaussian
+            for l2), costing T k (in + out) instead of T in out per refresh. 64 is a good start.
+        seed: seeds the sketches (and anything else random); the same on every process.
+        stochastic_round: write bf16 weights back with stochastic rounding (default True), so updates
+            below half a bf16 ulp still count on average; its bits come from (seed, parameter, step), so a
+            resume repeats them exactly. False rounds to nearest. No effect on fp32 weights.
         compile_step: run the update of each group of same-shape layers as one torch.compile'd graph
             (lr and step counts are tensors: schedules never recompile). Pays on GPUs; compiles once per shape.
 
@@ -96,7 +110,8 @@ def wrap_model(
     config = LowRankConfig(rank=rank, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                            update_gap=update_gap, basis=basis, norm=norm, state_policy=state_policy,
                            state_dtype=state_dtype, fused=fused, scale=scale,
-                           layer_rank=tuple((layer_rank or {}).items()), decay_all=decay_all)
+                           layer_rank=tuple((layer_rank or {}).items()), decay_all=decay_all,
+                           stochastic_round=stochastic_round)
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap_model expects an nn.Module, got {type(model).__name__}")
     if is_wrapped(model):
@@ -104,7 +119,12 @@ def wrap_model(
                            "(wrapping again makes a fresh optimizer)")
 
     plan = _plan(model, config, filter_fn)
-    control = RefreshControl(config.update_gap)
+    quant.check_available(config.state_dtype, plan[0][1].weight.device)
+    if isinstance(sketch_rows, bool) or not isinstance(sketch_rows, int) or sketch_rows < 0:
+        raise ValueError(f"sketch_rows must be an int >= 0 (0: exact scores), got {sketch_rows!r}")
+    if sketch_rows and config.basis == "svd":
+        raise ValueError("sketch_rows applies to basis='dct' or 'random'; basis='svd' takes an SVD of the full gradient")
+    control = RefreshControl(config.update_gap, sketch_rows=sketch_rows, seed=seed)
     layers: dict[torch.Tensor, LowRankLinear] = {}
     for fqn, linear, spec in plan:
         layer = LowRankLinear.wrap(linear, spec, control)
@@ -126,8 +146,10 @@ def wrap_model(
     opt = LowRankAdamW(groups, layers, control, lr=config.lr, betas=config.betas, eps=config.eps,
                        weight_decay=config.weight_decay, scale=config.scale, state_policy=config.state_policy,
                        state_dtype=config.state_dtype, fused=config.fused, accumulate=accumulate,
-                       compile_step=compile_step)
+                       compile_step=compile_step, stochastic_round=config.stochastic_round, seed=seed)
     opt.config = config
+    opt.param_names = {p: fqn for fqn, p in model.named_parameters()}  # checkpoints name layers by fqn
+    quant.log_storage(opt)
     _log_summary(plan, decay + no_decay)
     return opt
 
