@@ -4,10 +4,14 @@
 backward emits the weight gradient already projected onto r columns of a fixed DCT basis, and returns an
 optimizer that keeps Adam's states in that rank-r space.
 """
+from . import _torchao  # noqa: F401  (first: torchao's import, quietly; registers its state subclasses as safe globals)
+from .checkpoint import CheckpointError, load_optimizer, save_optimizer
+from .compile import compile_blocks
 from .config import LowRankConfig
 from .optimizer import LowRankAdamW
 from .projection import LowRankLinear
 from .wrap import is_wrapped, unwrap_model, wrap_model
 
-__all__ = ["wrap_model", "unwrap_model", "is_wrapped", "LowRankAdamW", "LowRankConfig", "LowRankLinear"]
+__all__ = ["wrap_model", "unwrap_model", "is_wrapped", "LowRankAdamW", "LowRankConfig", "LowRankLinear",
+           "save_optimizer", "load_optimizer", "CheckpointError", "compile_blocks"]
 __version__ = "0.1.0"

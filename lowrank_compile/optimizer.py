@@ -96,6 +96,12 @@ def _apply_back_projection(w: Tensor, u: Tensor, d_r: Tensor, right: bool, alpha
         w[sl] = quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype)
 
 
+def clip_tensor_norm_(grad: Tensor, max_norm: float) -> None:
+    """Scale one gradient in place so its 2-norm is at most max_norm (torch's clip_grad_norm_ rule)."""
+    norm = torch.linalg.vector_norm(grad.float())
+    grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grad.dtype))
+
+
 def _allow_recompiles(graphs: int) -> None:
     """Raise dynamo's per-function recompile limit so a compiled step with many shape groups stays compiled."""
     import torch._dynamo
@@ -116,7 +122,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict], layers: dict[Tensor, LowRankLinear], control: RefreshControl, *,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, scale: float,
                  state_policy: str, state_dtype: str, fused: bool = False, accumulate: int = 1,
-                 compile_step: bool = False, stochastic_round: bool = True, seed: int = 0):
+                 compile_step: bool = False, stochastic_round: bool = True, seed: int = 0,
+                 clip_per_tensor: float | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
                         state_policy=state_policy, state_dtype=state_dtype, lowrank=False,
                         stochastic_round=stochastic_round, seed=seed)
@@ -126,6 +133,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._accumulate = accumulate
         self._micro_steps = 0
         self._fused_counts: dict[Tensor, int] = {}
+        self._clip_per_tensor = clip_per_tensor
         self._compile_step = compile_step
         super().__init__(param_groups, defaults)
         if compile_step:
@@ -221,6 +229,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             grad = self._grad(p, group)
             if grad is None:
                 continue
+            if self._clip_per_tensor is not None:
+                clip_tensor_norm_(grad, self._clip_per_tensor)
             self._prepare_state(p, group, grad)
             key = self._batch_key(p, group)
             if key is None:

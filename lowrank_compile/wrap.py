@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import fnmatch
 import logging
+import sys
 from typing import Callable, Mapping
 
 import torch
@@ -43,6 +44,7 @@ def wrap_model(
     compile_step: bool = False,
     sketch_rows: int = 0,
     seed: int = 0,
+    clip_per_tensor: float | None = None,
     stochastic_round: bool = True,
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
@@ -56,6 +58,7 @@ def wrap_model(
             filter_fn says no, the weight is frozen (left alone) or shared with another module (tied
             embeddings: plain AdamW), or the parent reads the weight directly (nn.MultiheadAttention's
             out_proj: plain AdamW, since a projected weight there would silently stop training).
+            transformers' Conv1D layers (GPT-2 family, weight stored (in, out)) count as nn.Linear layers.
         rank: int r, or a float f in (0, 1]: r = max(1, round(f * smaller side)) per layer.
         lr, betas, eps, weight_decay: AdamW hyper-parameters, shared by all parameters. Weight decay is
             decoupled; by default it skips biases and normalisation weights (as transformers' Trainer does).
@@ -84,6 +87,11 @@ def wrap_model(
         sketch_rows: 0 (default) ranks basis columns by their exact scores (the reference algorithm); k > 0
             estimates them from a k-row random sketch of the gradient's other side (Cauchy for l1, Gaussian
             for l2), costing T k (in + out) instead of T in out per refresh. 64 is a good start.
+        clip_per_tensor: clip each gradient tensor (each layer's rank-r gradient, each plain parameter's
+            gradient) to this 2-norm just before its update. Unlike global-norm clipping
+            (``clip_grad_norm_(model.parameters(), c)``, which needs every gradient at once and so cannot run
+            with fused=True), each tensor is judged alone: a spike in one layer does not shrink the others.
+            Works in both modes; with fused=True it is the clipping to use.
         seed: seeds the sketches (and anything else random); the same on every process.
         stochastic_round: write bf16 weights back with stochastic rounding (default True), so updates
             below half a bf16 ulp still count on average; its bits come from (seed, parameter, step), so a
@@ -120,6 +128,8 @@ def wrap_model(
 
     plan = _plan(model, config, filter_fn)
     quant.check_available(config.state_dtype, plan[0][1].weight.device)
+    if clip_per_tensor is not None and not (isinstance(clip_per_tensor, (int, float)) and clip_per_tensor > 0):
+        raise ValueError(f"clip_per_tensor must be a number > 0 or None, got {clip_per_tensor!r}")
     if isinstance(sketch_rows, bool) or not isinstance(sketch_rows, int) or sketch_rows < 0:
         raise ValueError(f"sketch_rows must be an int >= 0 (0: exact scores), got {sketch_rows!r}")
     if sketch_rows and config.basis == "svd":
@@ -127,7 +137,7 @@ def wrap_model(
     control = RefreshControl(config.update_gap, sketch_rows=sketch_rows, seed=seed)
     layers: dict[torch.Tensor, LowRankLinear] = {}
     for fqn, linear, spec in plan:
-        layer = LowRankLinear.wrap(linear, spec, control)
+        layer = _lowrank_class(linear).wrap(linear, spec, control)
         layers[layer.weight] = layer
 
     projected = set(layers)
@@ -146,7 +156,7 @@ def wrap_model(
     opt = LowRankAdamW(groups, layers, control, lr=config.lr, betas=config.betas, eps=config.eps,
                        weight_decay=config.weight_decay, scale=config.scale, state_policy=config.state_policy,
                        state_dtype=config.state_dtype, fused=config.fused, accumulate=accumulate,
-                       compile_step=compile_step, stochastic_round=config.stochastic_round, seed=seed)
+                       compile_step=compile_step, clip_per_tensor=clip_per_tensor, stochastic_round=config.stochastic_round, seed=seed)
     opt.config = config
     opt.param_names = {p: fqn for fqn, p in model.named_parameters()}  # checkpoints name layers by fqn
     quant.log_storage(opt)
@@ -179,8 +189,9 @@ def _plan(model: nn.Module, config: LowRankConfig, filter_fn) -> list[tuple[str,
     owners = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     plan, too_small, linears = [], [], 0
+    conv1d = _conv1d_type()
     for fqn, module in model.named_modules():
-        if type(module) is not nn.Linear and not (id(module) in read_directly):
+        if type(module) is not nn.Linear and type(module) is not conv1d and not (id(module) in read_directly):
             continue
         linears += 1
         w = module.weight
@@ -209,6 +220,22 @@ def _plan(model: nn.Module, config: LowRankConfig, filter_fn) -> list[tuple[str,
     for fqn, shape, r in too_small:
         logger.debug("not projected (smaller side <= rank %d): %s %s", r, fqn, shape)
     return plan
+
+
+def _conv1d_type() -> type | None:
+    """transformers' Conv1D (GPT-2 family, weight stored (in, out)) if transformers is loaded, else None.
+
+    A model that holds a Conv1D has imported it, so this never imports transformers itself.
+    """
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def _lowrank_class(module: nn.Module) -> type[LowRankLinear]:
+    if type(module) is nn.Linear:
+        return LowRankLinear
+    from .conv1d import LowRankConv1D  # a transformers Conv1D (see _conv1d_type)
+
+    return LowRankConv1D
 
 
 def _no_decay_ids(model: nn.Module) -> set[int]:
