@@ -376,9 +376,10 @@ class LowRankAdamW(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(i, {}).items():
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
-        self._control.set_step(int(global_step))
         for p, layer in self._layers.items():
             state = self.state.get(p)
             if state:
                 key = "basis" if layer.lowrank_spec.basis == "svd" else "indices"
                 layer.selection().copy_(state[key])
+                layer._lowrank_selected = True
+        self._control.set_step(int(global_step))

@@ -13,6 +13,10 @@ Autograd will not put an (out, r) gradient into W.grad, so each layer registers 
 DistributedDataParallel reduces it like any parameter and ``clip_grad_norm_(model.parameters())`` clips
 the rank-r gradients; it is kept out of ``state_dict()``. W itself is marked requires_grad=False while
 wrapped, so W.grad stays None.
+
+A transposed weight (transformers' Conv1D, GPT-2 family: W stored (in, out), y = x W + b) goes through the
+same path: its stored gradient is x^T gy, so x and gy swap roles, and "out"/"in" above read as the stored
+rows/columns. The sides, carriers, indices and back-projection are all in the stored layout.
 """
 from __future__ import annotations
 
@@ -66,6 +70,9 @@ class RefreshControl:
         self.layers: list["LowRankLinear"] = []
         self.hooks: list = []  # removable handles of the optimizer's in-backward updates (fused=True)
         self.sketches: dict[tuple, Tensor] = {}  # (m, p, device) -> (k, m) sketch, redrawn before each refresh
+        # Multi-process training: an object whose right_scores / left_scores / summed_gradient agree on the
+        # refresh across processes (lowrank_compile.distributed.RefreshReducer). None: this process's own.
+        self.score_reducer = None
 
     def is_refresh_step(self, t: int) -> bool:
         """Step t (counting from 1) refreshes when t == 1 or t % update_gap == 0, as the reference does."""
@@ -80,7 +87,8 @@ class RefreshControl:
         self.step = step
         refresh = self.refresh
         for layer in self.layers:
-            layer._lowrank_refresh = refresh
+            # a layer whose first gradient comes on an ordinary step selects its basis then, not at the next refresh
+            layer._lowrank_refresh = refresh or not layer._lowrank_selected
             layer._lowrank_refreshed = False
         if refresh:
             for key, omega in self.sketches.items():
@@ -114,19 +122,22 @@ def svd_basis(g: Tensor, r: int, right: bool) -> Tensor:
 
 
 def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec_right: bool, kind: str,
-                p: int, refresh: bool, omega: Tensor | None = None) -> Tensor:
+                p: int, refresh: bool, omega: Tensor | None = None, reducer=None) -> Tensor:
     """G_low of one layer from inputs x2 (T, in) and output gradients g2 (T, out), both of dtype cdt.
 
+    In general: the projection of g2^T x2 (a transposed weight passes the two swapped).
     proj is the layer's int64 index buffer (fixed bases) or its (n, r) basis buffer (svd); on a refresh
     step it is overwritten in place with the new selection. omega: a (k, m) sketch of the non-basis side for
-    estimated scores, or None for exact ones.
+    estimated scores, or None for exact ones. reducer: None, or the RefreshControl's score_reducer, through
+    which the processes of a data-parallel job agree on the refresh (lowrank_compile.distributed); the
+    returned G_low is always this process's own (DDP averages it).
     """
     cdt = g2.dtype
     if kind == "svd":
         if refresh:
             r = proj.shape[1]
             g = g2.t() @ x2  # (out, in): the one mode that forms the full gradient, at refresh only
-            basis = svd_basis(g, r, spec_right)
+            basis = svd_basis(g if reducer is None else reducer.summed_gradient(g), r, spec_right)
             proj.copy_(basis)
             basis = basis.to(cdt)
             return g @ basis if spec_right else basis.t() @ g
@@ -136,12 +147,18 @@ def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec
             r = proj.shape[0]
             if spec_right:
                 xd = transform_rows(kind, x2, table)  # (T, n): x in basis coordinates
-                scores = right_scores(g2, xd, p) if omega is None else sketched_right_scores(g2, xd, omega, p)
+                if reducer is not None:
+                    scores = reducer.right_scores(g2, xd, p, omega)
+                else:
+                    scores = right_scores(g2, xd, p) if omega is None else sketched_right_scores(g2, xd, omega, p)
                 idx = select_top_r(scores, r)
                 proj.copy_(idx)
                 return g2.t() @ xd.index_select(1, idx)  # (out, T) @ (T, r)
             gd = transform_rows(kind, g2, table)  # (T, n): gy in basis coordinates
-            scores = left_scores(gd, x2, p) if omega is None else sketched_left_scores(gd, x2, omega, p)
+            if reducer is not None:
+                scores = reducer.left_scores(gd, x2, p, omega)
+            else:
+                scores = left_scores(gd, x2, p) if omega is None else sketched_left_scores(gd, x2, omega, p)
             idx = select_top_r(scores, r)
             proj.copy_(idx)
             return gd.index_select(1, idx).t() @ x2  # (r, T) @ (T, in)
@@ -151,30 +168,44 @@ def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec
     return (g2 @ d_r).t() @ x2  # (r, T) @ (T, in) -> (r, in)
 
 
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    """y = x W^T + b for a weight stored (out, in); y = x W + b for a transposed one stored (in, out), as Conv1D."""
+    if not transposed:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+    y = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)  # (T, in) @ (in, out): Conv1D's own op
+    return y.view(*x.shape[:-1], weight.shape[1])
+
+
 class _ProjectedLinearFn(torch.autograd.Function):
-    """y = x W^T + b; backward: exact grad of x and b, rank-r grad of W delivered to the carrier."""
+    """y = x W^T + b (x W + b if transposed); backward: exact grad of x and b, rank-r grad of W to the carrier."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, carrier, proj, table, omega, right: bool, kind: str, p: int, refresh: bool):
+    def forward(ctx, x, weight, bias, carrier, proj, table, omega, right: bool, kind: str, p: int, refresh: bool,
+                transposed: bool, reducer=None):
         ctx.save_for_backward(x, weight, proj, table, omega)
-        ctx.meta = (right, kind, p, refresh, carrier.dtype, None if bias is None else bias.dtype)
-        return F.linear(x, weight, bias)
+        ctx.reducer = reducer
+        ctx.meta = (right, kind, p, refresh, transposed, carrier.dtype, None if bias is None else bias.dtype)
+        return dense_linear(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, proj, table, omega = ctx.saved_tensors
-        right, kind, p, refresh, carrier_dtype, bias_dtype = ctx.meta
+        right, kind, p, refresh, transposed, carrier_dtype, bias_dtype = ctx.meta
         cdt = gy.dtype
         g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
         grad_x = grad_bias = grad_low = None
         if ctx.needs_input_grad[0]:
-            grad_x = (gy @ weight.to(cdt)).to(x.dtype)
+            w = weight.to(cdt)
+            grad_x = (gy @ (w.t() if transposed else w)).to(x.dtype)
         if bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0).to(bias_dtype)
         if ctx.needs_input_grad[3]:
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)  # (T, in)
-            grad_low = rank_r_grad(x2, g2, proj, table, right, kind, p, refresh, omega).to(carrier_dtype)
-        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None
+            rows, cols = (x2, g2) if transposed else (g2, x2)  # the stored weight's gradient is rows^T cols
+            grad_low = rank_r_grad(cols, rows, proj, table, right, kind, p, refresh, omega,
+                                   ctx.reducer).to(carrier_dtype)
+        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None, None, None
 
 
 class LowRankLinear(nn.Linear):
@@ -185,6 +216,8 @@ class LowRankLinear(nn.Linear):
     """
 
     lowrank_spec: LayerSpec
+    _lowrank_dense_class: type = nn.Linear  # the class unwrap restores
+    _lowrank_transposed: bool = False  # True: weight stored (in, out), y = x W + b (transformers' Conv1D)
 
     @classmethod
     def wrap(cls, linear: nn.Linear, spec: LayerSpec, control: RefreshControl) -> "LowRankLinear":
@@ -193,8 +226,9 @@ class LowRankLinear(nn.Linear):
         linear.__class__ = cls
         linear.lowrank_spec = spec
         linear._lowrank_control = control
-        linear._lowrank_refresh = control.refresh
+        linear._lowrank_refresh = True  # nothing selected yet: the first backward selects
         linear._lowrank_refreshed = False
+        linear._lowrank_selected = False
         control.layers.append(linear)
         w = linear.weight
         w.requires_grad_(False)
@@ -220,10 +254,11 @@ class LowRankLinear(nn.Linear):
         self._buffers.pop(INDEX, None)
         self._buffers.pop(SVD_BASIS, None)
         self._lowrank_control.layers.remove(self)
-        for attr in ("lowrank_spec", "_lowrank_control", "_lowrank_refresh", "_lowrank_refreshed", "_lowrank_hook"):
+        for attr in ("lowrank_spec", "_lowrank_control", "_lowrank_refresh", "_lowrank_refreshed", "_lowrank_selected",
+                     "_lowrank_hook"):
             delattr(self, attr)
         self.weight.requires_grad_(True)
-        self.__class__ = nn.Linear
+        self.__class__ = self._lowrank_dense_class
         return self
 
     def _lowrank_grad_ready(self, carrier: Tensor) -> None:
@@ -231,6 +266,7 @@ class LowRankLinear(nn.Linear):
         if self._lowrank_refresh:
             self._lowrank_refresh = False
             self._lowrank_refreshed = True
+            self._lowrank_selected = True
 
     @property
     def basis_size(self) -> int:
@@ -258,15 +294,18 @@ class LowRankLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         carrier = getattr(self, CARRIER)
         if not (torch.is_grad_enabled() and (carrier.requires_grad or x.requires_grad)):
-            return F.linear(x, self.weight, self.bias)
+            return dense_linear(x, self.weight, self.bias, self._lowrank_transposed)
         spec = self.lowrank_spec
         table = omega = None
         if spec.basis != "svd":
             table = basis_matrix(spec.basis, self.basis_size, table_dtype(self.weight.dtype), self.weight.device)
             if self._lowrank_control.sketch_rows:
                 omega = self._lowrank_control.sketch(self.other_size, norm_order(spec.norm), self.weight.device)
+        refresh = self._lowrank_refresh
+        reducer = self._lowrank_control.score_reducer if refresh else None  # only refreshes talk to other processes
         return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), table, omega,
-                                        spec.right, spec.basis, norm_order(spec.norm), self._lowrank_refresh)
+                                        spec.right, spec.basis, norm_order(spec.norm), refresh,
+                                        self._lowrank_transposed, reducer)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -1,0 +1,107 @@
+"""The orthonormal bases: DCT-II matrix, its FFT path, the seeded random basis, and the shared cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_compile import basis as B
+from reference import dct_basis
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZES = [1, 2, 3, 7, 16, 33]
+FFT_SIZES = [1, 2, 5, 16, 33, B.FFT_MIN_SIZE - 1, B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 1, 2 * B.FFT_MIN_SIZE]
+
+
+def eye(n):
+    return torch.eye(n, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n", SIZES + [B.FFT_MIN_SIZE + 1])
+def test_dct_matrix_is_orthonormal(n):
+    """D^T D = I (and D D^T = I) in float64, odd sizes and n = 1 included."""
+    d = B.dct_matrix(n, torch.float64)
+    assert d.shape == (n, n) and d.dtype == torch.float64
+    torch.testing.assert_close(d.t() @ d, eye(n), rtol=0, atol=1e-13)
+    torch.testing.assert_close(d @ d.t(), eye(n), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_dct_matrix_equals_method_formula(n):
+    """Column k of dct_matrix(n) is s_k sqrt(2/n) cos(pi k (2j+1) / 2n), written out element by element."""
+    torch.testing.assert_close(B.dct_matrix(n, torch.float64), dct_basis(n), rtol=0, atol=1e-14)
+
+
+def test_dct_matrix_float32_is_rounded_float64():
+    """The float32 basis is the float64 basis rounded once, not recomputed in float32."""
+    assert torch.equal(B.dct_matrix(33, torch.float32), B.dct_matrix(33, torch.float64).float())
+
+
+@pytest.mark.parametrize("n", FFT_SIZES)
+def test_dct_rows_fft_equals_matmul_float64(n):
+    """The FFT (Makhoul) transform of rows equals x @ D in float64, N-D leading dims included."""
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    got = B.dct_rows_fft(x)
+    assert got.shape == x.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, x @ B.dct_matrix(n, torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", FFT_SIZES)
+def test_dct_rows_fft_equals_matmul_float32(n):
+    """Same in float32 at float32 tolerance; the result stays float32."""
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
+    got = B.dct_rows_fft(x)
+    assert got.dtype == torch.float32
+    exact = x.double() @ B.dct_matrix(n, torch.float64)
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-4 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("n", [7, B.FFT_MIN_SIZE - 1, B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 3])
+def test_dct_rows_and_transform_rows_equal_matmul(n):
+    """dct_rows and transform_rows("dct") pick matmul or FFT by size and both equal x @ D (4-D input)."""
+    x = torch.randn(2, 2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    want = x @ B.dct_matrix(n, torch.float64)
+    torch.testing.assert_close(B.dct_rows(x), want, rtol=0, atol=1e-12)
+    table = B.basis_matrix("dct", n, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(B.transform_rows("dct", x, table), want, rtol=0, atol=1e-12)
+
+
+def test_dct_rows_is_reproducible():
+    """The same input gives bit-identical output on repeated calls (no run-time choice of algorithm)."""
+    x = torch.randn(64, B.FFT_MIN_SIZE, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(B.dct_rows(x), B.dct_rows(x.clone()))
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 24])
+def test_random_orthonormal_matrix_is_orthonormal_and_seeded(n):
+    """The random basis is orthonormal, and identical across calls and cache misses (seeded by n)."""
+    q = B.random_orthonormal_matrix(n, torch.float64)
+    torch.testing.assert_close(q.t() @ q, eye(n), rtol=0, atol=1e-13)
+    B.random_orthonormal_matrix.cache_clear()
+    assert torch.equal(B.random_orthonormal_matrix(n, torch.float64), q)
+    if n > 1:
+        assert not torch.allclose(q, B.dct_matrix(n, torch.float64))
+    torch.testing.assert_close(B.random_orthonormal_matrix(n, torch.float32), q.float(), rtol=0, atol=0)
+
+
+def test_random_transform_rows_is_matmul():
+    """transform_rows("random") is x @ Q with the random table."""
+    n = 12
+    table = B.basis_matrix("random", n, torch.float64, torch.device("cpu"))
+    x = torch.randn(3, 4, n, dtype=torch.float64)
+    torch.testing.assert_close(B.transform_rows("random", x, table), x @ B.random_orthonormal_matrix(n, torch.float64))
+
+
+def test_basis_matrix_is_shared_per_key():
+    """basis_matrix returns the very same tensor for the same (kind, n, dtype, device), distinct ones otherwise."""
+    cpu = torch.device("cpu")
+    a = B.basis_matrix("dct", 24, torch.float64, cpu)
+    assert B.basis_matrix("dct", 24, torch.float64, "cpu") is a
+    assert B.basis_matrix("dct", 24, torch.float32, cpu) is not a
+    assert B.basis_matrix("dct", 25, torch.float64, cpu).shape == (25, 25)
+    r = B.basis_matrix("random", 24, torch.float64, cpu)
+    assert r is not a and B.basis_matrix("random", 24, torch.float64, cpu) is r
+    torch.testing.assert_close(a, dct_basis(24), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError):
+        B.basis_matrix("svd", 24, torch.float64, cpu)
+

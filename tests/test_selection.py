@@ -1,0 +1,81 @@
+"""Blockwise column scores and the top-r choice, against the full projected gradient formed directly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_compile import selection as S
+from reference import column_scores, dct_basis, top_r
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+T, OUT, IN = 6, 11, 17
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, IN, generator=g, dtype=torch.float64),  # x
+            torch.randn(T, OUT, generator=g, dtype=torch.float64))  # gy
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("block", [1, 5, 17, S.SCORE_BLOCK])
+def test_right_scores_equal_column_norms_of_GD(p, block):
+    """right_scores(gy, x D) = ||G d_k||_p over rows for every k, whatever the block size (last block partial)."""
+    x, gy = data()
+    d = dct_basis(IN)
+    got = S.right_scores(gy, x @ d, p, block=block)
+    assert got.shape == (IN,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, column_scores(gy.t() @ x, d, right=True, p=p), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("block", [1, 4, 11, S.SCORE_BLOCK])
+def test_left_scores_equal_row_norms_of_DtG(p, block):
+    """left_scores(gy D, x) = ||d_k^T G||_p over columns for every k, whatever the block size."""
+    x, gy = data(1)
+    d = dct_basis(OUT)
+    got = S.left_scores(gy @ d, x, p, block=block)
+    assert got.shape == (OUT,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, column_scores(gy.t() @ x, d, right=False, p=p), rtol=1e-12, atol=0)
+
+
+def test_scores_of_float32_inputs_are_float32():
+    """Low-precision inputs give float32 scores close to the float64 ones."""
+    x, gy = data(2)
+    d = dct_basis(IN)
+    got = S.right_scores(gy.bfloat16(), (x @ d).bfloat16(), 1, block=4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), column_scores(gy.t() @ x, d, True, 1), rtol=5e-2, atol=0)
+
+
+def test_l1_and_l2_rank_differently():
+    """The norm matters: on a gradient built to disagree, L1 and L2 pick different top columns."""
+    # column 0 of G D: one large entry (L2 wins); column 1: many medium entries (L1 wins)
+    s = torch.zeros(9, 2, dtype=torch.float64)
+    s[0, 0] = 5.0
+    s[:, 1] = 1.2
+    d = torch.eye(2, dtype=torch.float64)
+    x = d  # x D = I: two tokens, one per basis column
+    gy = s.t()  # (T=2, out=9): G = gy^T x = s
+    assert S.select_top_r(S.right_scores(gy, x @ d, 1), 1).item() == 1
+    assert S.select_top_r(S.right_scores(gy, x @ d, 2), 1).item() == 0
+
+
+@pytest.mark.parametrize("r", [1, 3, 8, 20])
+def test_select_top_r_is_sorted_descending(r):
+    """select_top_r returns the r best indices as int64, best first, equal to a stable descending argsort."""
+    scores = torch.rand(20, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+    idx = S.select_top_r(scores, r)
+    assert idx.dtype == torch.int64 and idx.shape == (r,)
+    assert torch.equal(idx, top_r(scores, r))
+    assert bool((scores[idx][:-1] >= scores[idx][1:]).all())
+    rest = scores[torch.ones(20, dtype=torch.bool).index_fill_(0, idx, False)]
+    assert rest.numel() == 20 - r and bool((rest < scores[idx].min()).all())
+
+
+def test_norm_order():
+    """'l1' -> 1, 'l2' -> 2, anything else is an error."""
+    assert S.norm_order("l1") == 1 and S.norm_order("l2") == 2
+    with pytest.raises(ValueError):
+        S.norm_order("linf")
