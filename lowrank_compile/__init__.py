@@ -7,6 +7,7 @@ optimizer that keeps Adam's states in that rank-r space.
 from . import _torchao  # noqa: F401  (first: torchao's import, quietly; registers its state subclasses as safe globals)
 from .checkpoint import CheckpointError, load_optimizer, save_optimizer
 from .compile import compile_blocks
+from . import distributed  # lowrank_compile.distributed: prepare_ddp, prepare_fsdp, sync_refreshes
 from .config import LowRankConfig
 from .optimizer import LowRankAdamW
 from .projection import LowRankLinear

@@ -45,6 +45,8 @@ BLOCK_SIZE = {"int8": 256, "int4": 128, "fp8": 256}
 MIN_QUANT_NUMEL = 4096
 
 _PLAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What plain states can be stored as: "fp64" is what state_dtype="fp32" gives fp64 weights.
+_STORED_PLAIN = {**_PLAIN_DTYPES, "fp64": torch.float64}
 
 
 def fallback_reason(shape, state_dtype: str) -> str | None:
@@ -164,8 +166,8 @@ def part_specs(shape, kind: str) -> dict[str, tuple[tuple[int, ...], torch.dtype
     """Shape and dtype of each part of a state of `shape` stored as `kind` (what state_parts returns)."""
     shape = tuple(shape)
     numel = math.prod(shape)
-    if kind in _PLAIN_DTYPES:
-        return {"": (shape, _PLAIN_DTYPES[kind])}
+    if kind in _STORED_PLAIN:
+        return {"": (shape, _STORED_PLAIN[kind])}
     scale = ((numel // BLOCK_SIZE[kind],), torch.float32)
     if kind == "int8":
         return {"codes": (shape, torch.uint8), "scale": scale}
@@ -178,8 +180,8 @@ def part_specs(shape, kind: str) -> dict[str, tuple[tuple[int, ...], torch.dtype
 
 def state_from_parts(shape, kind: str, parts: dict[str, Tensor], *, signed: bool, device) -> Tensor:
     """Rebuild a state exactly (same bits) from the tensors :func:`state_parts` gave."""
-    if kind in _PLAIN_DTYPES:
-        return parts[""].to(device=device, dtype=_PLAIN_DTYPES[kind], copy=True)
+    if kind in _STORED_PLAIN:
+        return parts[""].to(device=device, dtype=_STORED_PLAIN[kind], copy=True)
     out = _zeros_quantized(kind, shape, signed, device)
     out.codes.copy_(parts["codes"])
     out.scale.copy_(parts["scale"])
@@ -236,18 +238,19 @@ def state_shape(opt, p: Tensor) -> tuple[int, ...]:
 
 
 def log_storage(opt) -> None:
-    """Log how a LowRankAdamW will store its states: which fall back to fp32 under a quantised state_dtype."""
+    """Log how a LowRankAdamW stores its states: under a quantised state_dtype, which ones stay fp32 and why."""
     names = getattr(opt, "param_names", {})
+    total, fallbacks, state_dtypes = 0, [], set()
     for group in opt.param_groups:
-        state_dtype = group["state_dtype"]
-        if state_dtype not in QUANTIZED:
+        if group["state_dtype"] not in QUANTIZED:
             continue
-        fallbacks = []
-        for i, p in enumerate(group["params"]):
-            reason = fallback_reason(state_shape(opt, p), state_dtype)
+        state_dtypes.add(group["state_dtype"])
+        for p in group["params"]:
+            total += 1
+            reason = fallback_reason(state_shape(opt, p), group["state_dtype"])
             if reason:
-                fallbacks.append(f"{names.get(p, f'param {i}')} ({reason})")
-        n = len(group["params"])
-        logger.info("state_dtype %s: %d of %d %s parameters quantised; fp32 for the rest (too small or not a "
-                    "multiple of the block size, as torchao and bitsandbytes do)%s", state_dtype, n - len(fallbacks),
-                    n, "projected" if group["lowrank"] else "plain", ": " + ", ".join(fallbacks) if fallbacks else "")
+                fallbacks.append(f"{names.get(p, tuple(p.shape))} ({reason})")
+    if total:
+        logger.info("state_dtype %s: %d of %d parameters' states quantised; fp32 for the rest, too small or not a "
+                    "multiple of the block size as in torchao and bitsandbytes%s", "/".join(sorted(state_dtypes)),
+                    total - len(fallbacks), total, (": " + ", ".join(fallbacks)) if fallbacks else "")

@@ -10,7 +10,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from . import quant
+from . import distributed, quant
 from .config import DEFAULT_STATE_POLICY, DEFAULT_UPDATE_GAP, LowRankConfig, resolve_rank
 from .optimizer import LowRankAdamW
 from .projection import LayerSpec, LowRankLinear, RefreshControl
@@ -46,6 +46,7 @@ def wrap_model(
     seed: int = 0,
     clip_per_tensor: float | None = None,
     stochastic_round: bool = True,
+    refresh_sync: str = "auto",
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
 
@@ -98,6 +99,12 @@ def wrap_model(
             resume repeats them exactly. False rounds to nearest. No effect on fp32 weights.
         compile_step: run the update of each group of same-shape layers as one torch.compile'd graph
             (lr and step counts are tensors: schedules never recompile). Pays on GPUs; compiles once per shape.
+        refresh_sync: how the processes of a data-parallel job agree on each refresh's columns (see
+            lowrank_compile.distributed): "auto" (default) is "exact" when torch.distributed is initialised
+            with more than one process and nothing otherwise; "exact" selects from the gradient summed over
+            processes (blockwise all-reduce), "cheap" from the sum of each process's column scores, "local"
+            lets each process select from its own gradient (separate models only). With DDP use
+            ``lowrank_compile.distributed.prepare_ddp(model, opt)`` (required for fused=True).
 
     Returns:
         a :class:`LowRankAdamW` that owns every trainable parameter of the model.
@@ -134,6 +141,7 @@ def wrap_model(
         raise ValueError(f"sketch_rows must be an int >= 0 (0: exact scores), got {sketch_rows!r}")
     if sketch_rows and config.basis == "svd":
         raise ValueError("sketch_rows applies to basis='dct' or 'random'; basis='svd' takes an SVD of the full gradient")
+    distributed.check_refresh_sync(refresh_sync)
     control = RefreshControl(config.update_gap, sketch_rows=sketch_rows, seed=seed)
     layers: dict[torch.Tensor, LowRankLinear] = {}
     for fqn, linear, spec in plan:
@@ -159,6 +167,7 @@ def wrap_model(
                        compile_step=compile_step, clip_per_tensor=clip_per_tensor, stochastic_round=config.stochastic_round, seed=seed)
     opt.config = config
     opt.param_names = {p: fqn for fqn, p in model.named_parameters()}  # checkpoints name layers by fqn
+    distributed.attach(opt, refresh_sync)  # a multi-process job: agree on refreshes, guard fused updates
     quant.log_storage(opt)
     _log_summary(plan, decay + no_decay)
     return opt
