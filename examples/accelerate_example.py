@@ -8,7 +8,8 @@ AcceleratedOptimizer skips step() and zero_grad() between the micro-batches of a
 wrap_model keeps accumulate=1), accelerator.clip_grad_norm_ over model.parameters() clips the rank-r
 gradients (the layers' lowrank_grad carriers) with the rest, and save_state / load_state go through
 opt.state_dict(). GPT-2's attention and MLP layers are transformers Conv1D modules (weight stored
-(in, out)); wrap_model projects them like nn.Linear. The text is this file's own source, byte by byte.
+(in, out)); wrap_model projects them like nn.Linear. The text is the English corpus bundled with the
+package (lowrank_compile.data), byte by byte: nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -22,16 +23,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_w
 from transformers.utils import logging as hf_logging
 
 import lowrank_compile
+from lowrank_compile import data
 
 SEQ = 64
-
-
-def batches(batch_size: int, steps: int, seed: int = 0):
-    data = torch.tensor(list(Path(__file__).read_bytes()), dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - SEQ, (batch_size,), generator=g).tolist()
-        yield torch.stack([data[s:s + SEQ] for s in starts])
 
 
 def make_model() -> GPT2LMHeadModel:
@@ -56,7 +50,8 @@ def main() -> None:
     model, opt, scheduler = accelerator.prepare(model, opt, scheduler)
 
     model.train()
-    for i, ids in enumerate(batches(8, cli.steps * cli.accumulate)):
+    train, _ = data.splits()
+    for i, ids in enumerate(data.batches(train, batch=8, seq=SEQ, steps=cli.steps * cli.accumulate, seed=0)):
         with accelerator.accumulate(model):
             loss = model(ids, labels=ids).loss
             accelerator.backward(loss)  # divides by the accumulation steps

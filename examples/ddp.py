@@ -7,8 +7,8 @@
     torchrun --nproc_per_node 2 examples/ddp.py --compare             # what exact / cheap / local would select
 
 CPU and the gloo backend by default (``--backend nccl`` on GPUs, one process per GPU). The model is a
-random-init 2-block LLaMA (transformers) with a byte-level vocabulary; the training text is the source of
-the lowrank_compile package, read byte by byte, and every process draws its own batches from it. Each run
+random-init 2-block LLaMA (transformers) with a byte-level vocabulary; the training text is the installed
+source of torch.optim, read byte by byte, and every process draws its own batches from it. Each run
 prints the loss (averaged over processes) and what was communicated per step: the bytes DDP all-reduced
 (counted by a communication hook on its buckets) plus what the refreshes all-reduced; the baseline is the
 same model under DDP with torch.optim.AdamW, trained on the same batches.
@@ -46,7 +46,8 @@ def tiny_llama() -> torch.nn.Module:
 
 
 def corpus() -> torch.Tensor:
-    package = Path(lrc.__file__).parent
+    """torch.optim's installed source, byte by byte: text that does not change while you edit this repository."""
+    package = Path(torch.optim.__file__).parent
     return torch.tensor(list(b"".join(p.read_bytes() for p in sorted(package.glob("*.py")))), dtype=torch.long)
 
 
@@ -195,12 +196,15 @@ def main():
     if not args.no_baseline and not args.compare:
         runs["adamw"] = train(args, "adamw", text, rank)
     if rank == 0:
-        print(f"\n| optimizer | loss (last 10) | gradient all-reduce B/step | refresh all-reduce B/step | total B/step |"
+        print(f"\n| optimizer | loss (last 10) | gradient reduction B/step | refresh all-reduce B/step | total B/step |"
               f" s/step |\n|---|---|---|---|---|---|")
         for kind, r in runs.items():
             total = r["grad_bytes"] + r["refresh_bytes"]
             print(f"| {kind} | {r['loss']:.4f} | {r['grad_bytes']:,.0f} | {r['refresh_bytes']:,.0f} | {total:,.0f} | "
                   f"{r['seconds'] / args.steps:.3f} |")
+        if args.fsdp:
+            print("(FSDP2: the lowrank row's gradient bytes are the payload of its reduce-scatters, computed from the "
+                  "parameters that have gradients; FSDP also all-gathers every weight in full for forward and backward)")
         if "adamw" in runs:
             lr_, ad = runs["lowrank"], runs["adamw"]
             print(f"\ncommunication ratio lowrank / AdamW: gradients {lr_['grad_bytes'] / ad['grad_bytes']:.3f}, "

@@ -5,8 +5,8 @@
     python examples/hf_trainer.py --resume             # ... continued from that checkpoint to step 60
     python examples/hf_trainer.py --arch gpt2          # a GPT-2 (its Conv1D layers are projected too)
 
-The model is a random-init 2-block LLaMA (or GPT-2) with a byte-level vocabulary; the training text is the
-source code of the lowrank_compile package itself, read byte by byte, so nothing is downloaded. The
+The model is a random-init 2-block LLaMA (or GPT-2) with a byte-level vocabulary; the text is the English
+corpus bundled with the package (lowrank_compile.data), read byte by byte, so nothing is downloaded. The
 optimizer and its cosine schedule come from the TrainingArguments (make_trainer_optimizers); the callback
 writes the optimizer as optimizer.safetensors into every checkpoint and restores it when Trainer resumes,
 and the final model is saved with Trainer.save_model: standard weights under the usual keys, which load
@@ -17,25 +17,23 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,
                           TrainingArguments)
 from transformers.utils import logging as hf_logging
 
-import lowrank_compile
+from lowrank_compile import data
 from lowrank_compile.hf import LowRankCheckpointCallback, make_trainer_optimizers
 
 SEQ = 64
 
 
 class ByteBlocks(torch.utils.data.Dataset):
-    """Fixed-length blocks of bytes; the labels are the inputs (the model shifts them)."""
+    """Consecutive fixed-length blocks of byte ids; the labels are the inputs (the model shifts them)."""
 
-    def __init__(self, data: bytes):
-        ids = torch.tensor(list(data), dtype=torch.long)
-        self.blocks = ids[: len(ids) // SEQ * SEQ].view(-1, SEQ)
+    def __init__(self, ids: torch.Tensor, max_blocks: int | None = None):
+        self.blocks = ids[: ids.numel() // SEQ * SEQ].long().view(-1, SEQ)[:max_blocks]
 
     def __len__(self):
         return len(self.blocks)
@@ -45,10 +43,8 @@ class ByteBlocks(torch.utils.data.Dataset):
 
 
 def corpus() -> tuple[ByteBlocks, ByteBlocks]:
-    package = Path(lowrank_compile.__file__).parent
-    text = b"".join(p.read_bytes() for p in sorted(package.glob("*.py")))
-    split = len(text) - 64 * SEQ  # the last 64 blocks are held out
-    return ByteBlocks(text[:split]), ByteBlocks(text[split:])
+    train, held_out = data.splits()  # each document's head trains, its tail is held out
+    return ByteBlocks(train), ByteBlocks(held_out, max_blocks=64)
 
 
 def tiny_model(arch: str) -> torch.nn.Module:
@@ -77,7 +73,7 @@ class StopAt(TrainerCallback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
-    parser.add_argument("--out", default="runs/hf_trainer")
+    parser.add_argument("--out", default="out/hf_trainer")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--stop-at", type=int, default=0, help="stop after this step (0: run to the end)")

@@ -414,9 +414,11 @@ def load_optimizer(opt, path: str | os.PathLike) -> None:
         opt.state.pop(p, None)
     for p, state in new_states.items():
         opt.state[p] = state
-        layer = opt._layers.get(p)
-        if layer is not None:
-            layer.selection().copy_(state["basis" if "basis" in state else "indices"])
+    for p, layer in opt._layers.items():
+        if p in new_states:
+            layer.selection().copy_(new_states[p]["basis" if "basis" in new_states[p] else "indices"])
+        # a layer without saved state selects its basis from its first gradient (projection.RefreshControl)
+        layer._lowrank_selected = p in new_states
     for group, values in zip(opt.param_groups, hyper):
         for k, v in values.items():
             if isinstance(group.get(k), Tensor):

@@ -10,7 +10,7 @@ Two pieces, each usable alone:
 Example (examples/hf_trainer.py runs this on CPU)::
 
     from lowrank_compile.hf import LowRankCheckpointCallback, make_trainer_optimizers
-    args = TrainingArguments(output_dir="runs/tiny", max_steps=60, learning_rate=3e-3,
+    args = TrainingArguments(output_dir="out/tiny", max_steps=60, learning_rate=3e-3,
                              gradient_accumulation_steps=2, lr_scheduler_type="cosine", warmup_steps=5)
     optimizers = make_trainer_optimizers(model, args, rank=16, update_gap=10)
     trainer = Trainer(model=model, args=args, train_dataset=train, optimizers=optimizers,
@@ -77,7 +77,7 @@ def make_trainer_optimizers(model: nn.Module, args: TrainingArguments, num_train
 
     Example::
 
-        args = TrainingArguments(output_dir="runs/tiny", max_steps=60, learning_rate=3e-3)
+        args = TrainingArguments(output_dir="out/tiny", max_steps=60, learning_rate=3e-3)
         trainer = Trainer(model=model, args=args, train_dataset=train,
                           optimizers=make_trainer_optimizers(model, args, rank=16))
     """

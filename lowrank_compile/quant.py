@@ -16,10 +16,10 @@ requantises (torchao implements copy_ for its subclasses).
 
 Weights in bf16 are written back with stochastic rounding (:func:`round_to_bf16`): each element is rounded
 up or down with probabilities that make the rounding unbiased, so updates far below a bf16 ulp still move
-the weight on average. Its random bits come from a torch.Generator seeded afresh for every write-back with a key mixed from
-(seed, parameter index, step) — never from torch's global RNG — so they are the same on every rank (of one
-device type: CPU and CUDA generators differ) and a resumed run repeats them exactly: the seed is a
-param-group value and the step is in the checkpoint, so no generator state needs saving.
+the weight on average. Its random bits come from a torch.Generator seeded afresh for every write-back
+with a key mixed from (seed, parameter index, step) — never from torch's global RNG — so they are the same
+on every rank (of one device type: CPU and CUDA generators differ) and a resumed run repeats them exactly:
+the seed is a param-group value and the step is in the checkpoint, so no generator state needs saving.
 """
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ def wrap_model(
     opt = LowRankAdamW(groups, layers, control, lr=config.lr, betas=config.betas, eps=config.eps,
                        weight_decay=config.weight_decay, scale=config.scale, state_policy=config.state_policy,
                        state_dtype=config.state_dtype, fused=config.fused, accumulate=accumulate,
-                       compile_step=compile_step, clip_per_tensor=clip_per_tensor, stochastic_round=config.stochastic_round, seed=seed)
+                       compile_step=compile_step, clip_per_tensor=clip_per_tensor,
+                       stochastic_round=config.stochastic_round, seed=seed)
     opt.config = config
     opt.param_names = {p: fqn for fqn, p in model.named_parameters()}  # checkpoints name layers by fqn
     distributed.attach(opt, refresh_sync)  # a multi-process job: agree on refreshes, guard fused updates

@@ -301,3 +301,33 @@ def test_inspect_prints_the_table_and_the_total(saved, tmp_path, capsys):
     cut.write_bytes(path.read_bytes()[:100])
     assert inspect_main([str(cut)]) == 1
     assert "truncated" in capsys.readouterr().err
+
+
+def test_state_dict_keeps_fp32_states_and_int_indices_next_to_bf16_weights(tmp_path):
+    """opt.state_dict() through torch.save / torch.load(weights_only=True): torch.optim would cast the
+    states to the bf16 weights' dtype; ours keep fp32 states and int64 indices (and torchao subclasses)."""
+    for state_dtype, kind in (("fp32", "fp32"), ("int8", "int8")):
+        model, opt = make(state_dtype=state_dtype)
+        model.to(torch.bfloat16)
+        opt = lrc.wrap_model(lrc.unwrap_model(model), rank=16, state_dtype=state_dtype,
+                             filter_fn=lambda m, fqn: fqn != "3")
+        model(torch.randn(8, 64, dtype=torch.bfloat16)).float().square().mean().backward()
+        opt.step()
+        torch.save(opt.state_dict(), tmp_path / "sd.pt")
+        model2, _ = make(state_dtype=state_dtype)
+        model2.to(torch.bfloat16)
+        opt2 = lrc.wrap_model(lrc.unwrap_model(model2), rank=16, state_dtype=state_dtype,
+                              filter_fn=lambda m, fqn: fqn != "3")
+        opt2.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+        p = next(iter(opt2._layers))
+        assert quant.kind_of(opt2.state[p]["exp_avg"]) == kind
+        assert opt2.state[p]["indices"].dtype == torch.int64
+        assert same(snapshot(opt2), snapshot(opt))
+
+
+def test_refuses_to_save_between_micro_batches(tmp_path):
+    model, opt = make(accumulate=2)
+    model(torch.randn(8, 64)).square().mean().backward()
+    opt.step()  # the first of two micro-batches: no update yet
+    with pytest.raises(RuntimeError, match="between the micro-batches"):
+        lrc.save_optimizer(opt, tmp_path / "o.safetensors")

