@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 # Param-group entries that define what the states mean: compared on load, never overwritten.
 _STRUCTURAL_GROUP_KEYS = ("lowrank", "state_dtype", "state_policy")
-_CONFIG_KEYS = ("basis", "norm", "update_gap", "state_policy", "state_dtype")
+_CONFIG_KEYS = ("basis", "norm", "state_policy")  # state_dtype and update_gap are compared on their own
 
 
 class CheckpointError(ValueError):
@@ -122,9 +122,9 @@ def _json_value(v, what: str):
         if v.numel() != 1:
             raise TypeError(f"cannot save {what}: a tensor of shape {tuple(v.shape)}")
         return {"tensor": v.item()}
-    if isinstance(v, tuple):
+    if isinstance(v, (tuple, list)):
         return [_json_value(x, what) for x in v]
-    if v is None or isinstance(v, (bool, int, float, str, list)):
+    if v is None or isinstance(v, (bool, int, float, str)):
         return v
     raise TypeError(f"cannot save {what} = {v!r} ({type(v).__name__}) in a checkpoint; only numbers, strings "
                     "and tuples of them are supported")
@@ -374,8 +374,9 @@ def load_optimizer(opt, path: str | os.PathLike) -> None:
     Everything is checked before the optimizer is touched: format and version, truncation, the checksum,
     state_dtype and configuration, the list of parameters and each one's shape, side, rank and storage, and
     every tensor's shape and dtype. Any difference raises :class:`CheckpointError` naming it, and leaves
-    `opt` as it was. States go to each parameter's device, so a checkpoint saved on CPU loads on a GPU.
-    Nothing is unpickled.
+    `opt` as it was. Hyper-parameters (lr as a scheduler left it, betas, weight decay, the rounding seed)
+    are restored from the file, as torch.optim's load_state_dict does. States go to each parameter's
+    device, so a checkpoint saved on CPU loads on a GPU. Nothing is unpickled.
 
     Example::
 

@@ -120,6 +120,9 @@ class RefreshReducer:
         """Sum t over the group in place; without an initialised process group t already is the sum (of one)."""
         if not (dist.is_available() and dist.is_initialized()):
             return None
+        if torch.compiler.is_compiling():  # traced: a blocking collective (dynamo has no async_op), not counted
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            return None
         self.bytes += t.numel() * t.element_size()
         self.calls += 1
         return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)

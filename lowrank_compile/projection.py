@@ -183,15 +183,28 @@ class _ProjectedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, carrier, proj, table, omega, right: bool, kind: str, p: int, refresh: bool,
                 transposed: bool, reducer=None):
-        ctx.save_for_backward(x, weight, proj, table, omega)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(x, weight, proj, table, omega)
+            ctx.proj_version = None
+        else:
+            # Eager: keep proj outside saved_tensors and remember its version. A layer called twice in one forward
+            # has two backward nodes; on a refresh step the first to run rewrites proj in place, and the second
+            # must then project onto that selection instead of selecting again (one basis per layer per step).
+            ctx.save_for_backward(x, weight, table, omega)
+            ctx.proj, ctx.proj_version = proj, proj._version
         ctx.reducer = reducer
         ctx.meta = (right, kind, p, refresh, transposed, carrier.dtype, None if bias is None else bias.dtype)
         return dense_linear(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, proj, table, omega = ctx.saved_tensors
         right, kind, p, refresh, transposed, carrier_dtype, bias_dtype = ctx.meta
+        if ctx.proj_version is None:
+            x, weight, proj, table, omega = ctx.saved_tensors
+        else:
+            x, weight, table, omega = ctx.saved_tensors
+            proj = ctx.proj
+            refresh = refresh and proj._version == ctx.proj_version
         cdt = gy.dtype
         g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
         grad_x = grad_bias = grad_low = None

@@ -32,6 +32,7 @@ def right_scores(gy: Tensor, xd: Tensor, p: int, block: int = SCORE_BLOCK) -> Te
     gy: (T, out) output gradients; xd: (T, n) = x @ D. Returns (n,) in float32 (float64 for float64 input).
     """
     n = xd.shape[1]
+    block = _block_for(n, block)
     parts = []
     for start in range(0, n, block):
         s = gy.t() @ xd[:, start:start + block]  # (out, T) @ (T, b) -> (out, b): G D for b columns
@@ -45,11 +46,17 @@ def left_scores(gd: Tensor, x: Tensor, p: int, block: int = SCORE_BLOCK) -> Tens
     gd: (T, n) = gy @ D; x: (T, in) inputs. Returns (n,).
     """
     n = gd.shape[1]
+    block = _block_for(n, block)
     parts = []
     for start in range(0, n, block):
         s = gd[:, start:start + block].t() @ x  # (b, T) @ (T, in) -> (b, in): D^T G for b rows
         parts.append(torch.linalg.vector_norm(s.float() if s.dtype != torch.float64 else s, ord=p, dim=1))
     return torch.cat(parts)
+
+
+def _block_for(n: int, block: int) -> int:
+    """Columns per block: at most `block`, and at most half of n, so no block is the whole gradient."""
+    return max(1, min(block, (n + 1) // 2))
 
 
 def select_top_r(scores: Tensor, r: int) -> Tensor:

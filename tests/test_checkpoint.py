@@ -30,13 +30,13 @@ def one_thread():
 
 
 def make(hidden: int = 256, rank: int = 16, state_dtype: str = "int8", extra: bool = False, skip_down=False,
-         frozen: bool = False, **kw):
+         frozen: bool = False, dtype: torch.dtype = torch.float32, **kw):
     """A model with a right- and a left-projected layer, a plain Linear (filtered out), biases; and its optimizer."""
     torch.manual_seed(0)
     layers = [nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, 64), nn.Linear(64, 128)]
     if extra:
         layers.append(nn.Linear(128, 512))
-    model = nn.Sequential(*layers)
+    model = nn.Sequential(*layers).to(dtype)
     if frozen:
         model[3].requires_grad_(False)
     skip = {"3"} | ({"2"} if skip_down else set())
@@ -307,17 +307,11 @@ def test_state_dict_keeps_fp32_states_and_int_indices_next_to_bf16_weights(tmp_p
     """opt.state_dict() through torch.save / torch.load(weights_only=True): torch.optim would cast the
     states to the bf16 weights' dtype; ours keep fp32 states and int64 indices (and torchao subclasses)."""
     for state_dtype, kind in (("fp32", "fp32"), ("int8", "int8")):
-        model, opt = make(state_dtype=state_dtype)
-        model.to(torch.bfloat16)
-        opt = lrc.wrap_model(lrc.unwrap_model(model), rank=16, state_dtype=state_dtype,
-                             filter_fn=lambda m, fqn: fqn != "3")
+        model, opt = make(state_dtype=state_dtype, dtype=torch.bfloat16)
         model(torch.randn(8, 64, dtype=torch.bfloat16)).float().square().mean().backward()
         opt.step()
         torch.save(opt.state_dict(), tmp_path / "sd.pt")
-        model2, _ = make(state_dtype=state_dtype)
-        model2.to(torch.bfloat16)
-        opt2 = lrc.wrap_model(lrc.unwrap_model(model2), rank=16, state_dtype=state_dtype,
-                              filter_fn=lambda m, fqn: fqn != "3")
+        _, opt2 = make(state_dtype=state_dtype, dtype=torch.bfloat16)
         opt2.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
         p = next(iter(opt2._layers))
         assert quant.kind_of(opt2.state[p]["exp_avg"]) == kind

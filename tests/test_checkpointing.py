@@ -18,6 +18,9 @@ from torch.utils.checkpoint import checkpoint
 import lowrank_compile as lrc
 from lowrank_compile.projection import LowRankLinear
 
+# Small shapes: one intra-op thread is faster, and steady on a busy machine (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 6
 UPDATE_GAP = 2  # refreshes at steps 1, 2, 4, 6
 

@@ -21,6 +21,6 @@ def test_quickstart_runs_and_loss_goes_down():
     assert final < first - 0.5, out
     rows = dict(re.findall(r"^\| (lowrank_compile|torch\.optim\.AdamW) \| (.*) \|$", out, flags=re.M))
     assert rows.keys() == {"lowrank_compile", "torch.optim.AdamW"}, out
-    peaks = {name: float(re.search(r"\| ([\d.]+) MiB \|", "| " + cells + " |").group(1)) for name, cells in rows.items()}
+    peaks = {name: float(re.search(r"\| ([\d.]+) MiB \|", f"| {cells} |").group(1)) for name, cells in rows.items()}
     assert peaks["lowrank_compile"] < peaks["torch.optim.AdamW"], out
     assert len(re.findall(r"lowrank_compile\s+step\s+\d+\s+loss", out)) >= 3  # the loss is printed as it trains

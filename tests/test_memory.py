@@ -23,6 +23,9 @@ import lowrank_compile as lrc
 from lowrank_compile.basis import basis_matrix
 from lowrank_compile.projection import LowRankLinear, table_dtype
 
+# Small shapes: one intra-op thread is faster, and steady on a busy machine (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @dataclasses.dataclass
 class Allocation:

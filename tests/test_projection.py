@@ -234,11 +234,11 @@ class _Twice(nn.Module):
         return self.lin(torch.tanh(self.lin(x)))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="known bug: a layer called twice in one forward rewrites its saved idx in place during "
-                          "the refresh backward (autograd version-counter error)")
 def test_layer_called_twice_on_refresh_step():
-    """A layer applied twice in one forward gets the projection of its total dense gradient on its selection."""
+    """A layer applied twice in one forward gets the projection of its total dense gradient on its selection.
+
+    The first of its two backward nodes to run selects the basis; the other projects onto that selection.
+    """
     torch.manual_seed(0)
     dense = _Twice().double()
     wrapped = copy.deepcopy(dense)

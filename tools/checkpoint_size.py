@@ -18,11 +18,12 @@ import tempfile
 import torch
 
 import lowrank_compile as lrc
-from lowrank_compile import _torchao  # noqa: F401  (quiet torchao import)
+from lowrank_compile import _torchao
 
 
 def llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    with _torchao._captured():  # transformers imports more of torchao, which logs CPU-build noise
+        from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -69,7 +70,8 @@ def main() -> None:
 
         model = llama(*shape)
         opt = AdamW8bit(model.parameters(), lr=1e-3)
-        one_step(model, opt, args.vocab)
+        with _torchao._captured():  # its compiled step imports more of torchao, which logs CPU-build noise
+            one_step(model, opt, args.vocab)
         rows.append(("torchao AdamW8bit state_dict (torch.save)", size_of_torch_save(opt.state_dict(), d, "ao.pt")))
 
         for state_dtype in dict.fromkeys((args.state_dtype, "fp32")):

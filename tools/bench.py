@@ -1,0 +1,431 @@
+"""Step time and peak memory of one LLaMA training step: lowrank_compile vs torch AdamW, torchao, GaLore.
+
+    python tools/bench.py                                   # CPU: the 78M reference model, memory and time
+    python tools/bench.py --models 60M --modes memory       # a GaLore configuration, memory only
+    python tools/bench.py --device cuda --models 1B --dtype bf16 --batch 4x1024 --time-batch 4x1024
+    python tools/bench.py --device cuda --models 7B --modes memory --batch 1x512 --checkpointing --rank 512 \\
+        --configs floor "lowrank gap 200 int8 fused"
+
+Models: random-init transformers LlamaForCausalLM in the shapes of the GaLore configurations (hidden /
+intermediate / layers / heads, vocab 32000): 60M 512/1376/8/8, 130M 768/2048/12/12, 350M 1024/2736/24/16,
+1B 2048/5461/24/32, 7B 4096/11008/32/32; and "ref78m", 1024/2736/6/16 with vocab 1000 (78M parameters), the
+model behind the reference numbers of issue 6. Optimizers (see CONFIGS): the floor (forward + activation
+backward, every weight frozen: no weight gradient, no optimizer), torch AdamW (foreach; fused), torchao
+AdamW8bit, the GaLore peer (galore-torch, SVD, rank --rank, update_proj_gap 200, scale 0.25; an optional
+extra: skipped when not installed) and lowrank_compile at rank --rank (update_gap 1 / 50 / 200, fp32 / int8
+states, fused (in-backward) or not, eager or torch.compile'd per block with --compile).
+
+Every configuration runs in its own process. Memory (--modes memory, at --batch): on CPU, the process's
+peak resident memory (VmHWM, reset once the model is built) above its resident memory with the model
+built, i.e. everything but the weights: gradients, optimizer states, activations, temporaries, allocator
+slack; on CUDA, torch.cuda.max_memory_allocated above the weights. Then one more step runs under
+torch.profiler's memory view and the table gives its peak split by category. Time (--modes time, at
+--time-batch): the median wall time of ordinary steps and of refresh steps (lowrank_compile's step counter
+is moved so that the next step refreshes), and the time per step averaged over a refresh cycle,
+((gap - 1) ordinary + 1 refresh) / gap. Ratios are to torch AdamW (foreach on CPU, fused on CUDA) measured
+in the same run. Writes <out>/bench_<device>_<model>.json, .md and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# name: (hidden, intermediate, layers, heads, vocab)
+MODELS = {"ref78m": (1024, 2736, 6, 16, 1000), "60M": (512, 1376, 8, 8, 32000), "130M": (768, 2048, 12, 12, 32000),
+          "350M": (1024, 2736, 24, 16, 32000), "1B": (2048, 5461, 24, 32, 32000), "7B": (4096, 11008, 32, 32, 32000)}
+
+
+def lowrank(gap: int, dtype: str = "fp32", fused: bool = False, sketch: int = 0, compiled: bool = False) -> dict:
+    return dict(kind="lowrank", update_gap=gap, state_dtype=dtype, fused=fused, sketch_rows=sketch, compiled=compiled)
+
+
+CONFIGS = {
+    "floor": dict(kind="floor"),
+    "torch AdamW foreach": dict(kind="adamw", foreach=True),
+    "torch AdamW fused": dict(kind="adamw", fused=True),
+    "torchao AdamW8bit": dict(kind="adamw8bit"),
+    "GaLore r, gap 200": dict(kind="galore", update_gap=200),
+    "lowrank gap 200 fp32": lowrank(200),
+    "lowrank gap 200 int8": lowrank(200, "int8"),
+    "lowrank gap 200 int8 fused": lowrank(200, "int8", True),
+    "lowrank gap 50 fp32": lowrank(50),
+    "lowrank gap 50 int8 fused": lowrank(50, "int8", True),
+    "lowrank gap 1 fp32": lowrank(1),
+    "lowrank gap 1 int8 fused": lowrank(1, "int8", True),
+    "lowrank gap 1 sketch64 int8 fused": lowrank(1, "int8", True, 64),
+    "lowrank gap 50 int8 fused, compiled": lowrank(50, "int8", True, compiled=True),
+    "lowrank gap 1 sketch64 int8 fused, compiled": lowrank(1, "int8", True, 64, compiled=True),
+}
+COMPILED = {k for k, v in CONFIGS.items() if v.get("compiled")}
+
+
+# -- measuring inside one process ------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux: clear_refs 5) and return the RSS in bytes."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    rss = _status_kib("VmRSS")
+    if rss is None:  # not Linux: fall back to the lifetime peak, which the model's build may have set
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    return rss * 1024
+
+
+def peak_rss() -> int:
+    hwm = _status_kib("VmHWM")
+    if hwm is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    return hwm * 1024
+
+
+def build(spec: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, vocab = MODELS[spec["model"]]
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                      max_position_embeddings=max(2048, spec["seq"]), tie_word_embeddings=False, use_cache=False)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the weight dtype: no fp32 copy of a 7B model
+    try:
+        with torch.device(spec["device"]):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    if spec.get("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def make_optimizer(model, spec: dict):
+    kind = spec["kind"]
+    if kind == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return None
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=spec.get("foreach"), fused=spec.get("fused"))
+    if kind == "adamw8bit":
+        from lowrank_compile import _torchao  # noqa: F401  (quiet torchao import)
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(model.parameters(), lr=1e-4)
+    if kind == "galore":
+        from galore_torch import GaLoreAdamW
+
+        big = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+        ids = {id(p) for p in big}
+        groups = [dict(params=[p for p in model.parameters() if id(p) not in ids]),
+                  dict(params=big, rank=spec["rank"], update_proj_gap=spec["update_gap"], scale=0.25, proj_type="std")]
+        return GaLoreAdamW(groups, lr=1e-4)
+    if kind == "lowrank":
+        import lowrank_compile as lrc
+
+        opt = lrc.wrap_model(model, rank=spec["rank"], lr=1e-4, update_gap=spec["update_gap"],
+                             state_dtype=spec["state_dtype"], fused=spec["fused"], sketch_rows=spec["sketch_rows"],
+                             filter_fn=lambda m, fqn: "lm_head" not in fqn)
+        if spec.get("compiled"):
+            lrc.compile_blocks(model)
+        return opt
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def worker(spec: dict) -> dict:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    cuda = spec["device"] == "cuda"
+    model = build(spec)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    batch, seq = spec["batch"], spec["seq"]
+    vocab = MODELS[spec["model"]][4]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(spec["device"])
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = reset_peak_rss()
+    opt = make_optimizer(model, spec)
+    floor = spec["kind"] == "floor"
+
+    def train_step():
+        if floor:  # activations' backward only: the embedding output is the one leaf that wants a gradient
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+            loss = model(inputs_embeds=emb, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed_step() -> float:
+        t = time.perf_counter()
+        train_step()
+        return time.perf_counter() - t
+
+    result = dict(name=spec["name"], spec=spec, weights_mib=weights / 2**20)
+    gap = spec.get("update_gap", 0) if spec["kind"] == "lowrank" else 0
+    if spec["mode"] == "memory":
+        for _ in range(spec["steps"]):  # step 1 refreshes (every kind selects its basis on its first step)
+            train_step()
+        peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss()) - base
+        result["peak_above_weights_mib"] = peak / 2**20
+        result["state_mib"] = _state_bytes(opt) / 2**20 if opt is not None else 0.0
+        if spec.get("profile"):
+            result["breakdown_mib"] = profile_breakdown(train_step, spec["device"])
+    else:
+        warm = [timed_step() for _ in range(spec["warmup"])]
+        ordinary = [timed_step() for _ in range(spec["steps"])]
+        result["ordinary_s"] = statistics.median(ordinary)
+        result["first_steps_s"] = warm
+        if gap > 1:  # move the step counter so that each next step is a refresh (benchmark only)
+            control = opt._control
+            refresh = []
+            for k in range(1, spec["refresh_steps"] + 1):
+                control.set_step(k * gap - 1)
+                refresh.append(timed_step())
+            result["refresh_s"] = statistics.median(refresh)
+            result["amortized_s"] = ((gap - 1) * result["ordinary_s"] + result["refresh_s"]) / gap
+        else:
+            result["refresh_s"] = result["ordinary_s"] if gap == 1 else None
+            result["amortized_s"] = result["ordinary_s"]
+    return result
+
+
+def _state_bytes(opt) -> int:
+    sys.path.insert(0, str(HERE))
+    from _measure import state_bytes
+
+    if not hasattr(opt, "state"):
+        return 0
+    return state_bytes(opt)
+
+
+def profile_breakdown(step, device: str) -> dict[str, float]:
+    """Peak of one step under torch.profiler's memory view, split by category (MiB), at the moment of peak."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
+    if not sizes:
+        return {}
+    totals = [sum(s) for s in sizes]
+    at_peak = sizes[totals.index(max(totals))]
+    names = {i + 1: (c.name.lower() if c is not None else "unknown") for c, i in _CATEGORY_TO_INDEX.items()}
+    out = {names[i]: at_peak[i] / 2**20 for i in names}
+    out["total"] = max(totals) / 2**20
+    return out
+
+
+# -- driver ----------------------------------------------------------------------------------------------------
+def run_spec(spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
+    env = dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=spec.get("timeout", 3600))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return dict(name=spec["name"], spec=spec, error=" / ".join(tail))
+    return json.loads(lines[-1])
+
+
+def parse_bt(s: str) -> tuple[int, int]:
+    b, t = s.lower().split("x")
+    return int(b), int(t)
+
+
+def galore_available() -> bool:
+    try:
+        import galore_torch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def fmt_ratio(v, ref) -> str:
+    return f"{v / ref:.2f}" if v is not None and ref else "-"
+
+
+def tables(model: str, by_mode: dict[str, dict[str, dict]], args) -> str:
+    """Markdown tables: by_mode = {"memory" | "time": {configuration name: result}}."""
+    ref_name = "torch AdamW fused" if args.device == "cuda" else "torch AdamW foreach"
+    mem, tim = by_mode.get("memory", {}), by_mode.get("time", {})
+    hidden, inter, layers, heads, vocab = MODELS[model]
+    out = [f"LLaMA {model}: hidden {hidden}, intermediate {inter}, {layers} layers, {heads} heads, vocab {vocab}; "
+           f"{args.dtype} weights on {args.device}; rank {args.rank}; lm_head and embeddings on plain AdamW"
+           f"{'; activation checkpointing' if args.checkpointing else ''}; torch {torch.__version__}\n"]
+    if mem:
+        ref = mem.get(ref_name, {}).get("peak_above_weights_mib")
+        floor = mem.get("floor", {}).get("peak_above_weights_mib")
+        b, s = args.batch
+        what = "max_memory_allocated" if args.device == "cuda" else "peak RSS"
+        cats = ("optimizer_state", "gradient", "activation", "temporary", "autograd_detail")
+        out += [f"Memory at batch {b} x {s} ({what} above the weights, each configuration in its own process):\n",
+                "| configuration | above weights (MiB) | x AdamW | x floor | optimizer state (MiB) | profiler peak "
+                "(MiB): " + " / ".join(cats) + " |", "|---|---|---|---|---|---|"]
+        for name, r in mem.items():
+            if "error" in r:
+                out.append(f"| {name} | failed: {r['error'][:150]} | | | | |")
+                continue
+            v = r["peak_above_weights_mib"]
+            bd = r.get("breakdown_mib") or {}
+            split = " / ".join(f"{bd.get(c, 0):.0f}" for c in cats) if bd else "-"
+            out.append(f"| {name} | {v:.0f} | {fmt_ratio(v, ref)} | {fmt_ratio(v, floor)} | {r['state_mib']:.0f} | "
+                       f"{bd.get('total', 0):.0f}: {split} |")
+        out.append("")
+    if tim:
+        ref = tim.get(ref_name, {}).get("amortized_s")
+        b, s = args.time_batch
+        out += [f"Step time at batch {b} x {s} (median; refresh steps timed separately):\n",
+                "| configuration | ordinary step (s) | refresh step (s) | per step over a refresh cycle (s) | "
+                "x AdamW |", "|---|---|---|---|---|"]
+        for name, r in tim.items():
+            if "error" in r:
+                out.append(f"| {name} | failed: {r['error'][:150]} | | | |")
+                continue
+            ref_s = r.get("refresh_s")
+            out.append(f"| {name} | {r['ordinary_s']:.2f} | {f'{ref_s:.2f}' if ref_s else '-'} | "
+                       f"{r['amortized_s']:.2f} | {fmt_ratio(r['amortized_s'], ref)} |")
+    return "\n".join(out)
+
+
+def plot(path: Path, model: str, rows: dict[str, dict], args) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return
+    mem = {k: r["peak_above_weights_mib"] for k, r in rows.get("memory", {}).items() if "error" not in r}
+    tim = {k: r["amortized_s"] for k, r in rows.get("time", {}).items() if "error" not in r}
+    panels = [(d, lbl) for d, lbl in ((mem, f"memory above weights (MiB), batch {args.batch[0]}x{args.batch[1]}"),
+                                      (tim, f"s / step over a refresh cycle, batch {args.time_batch[0]}x"
+                                            f"{args.time_batch[1]}")) if d]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 0.35 * max(map(len, (p[0] for p in panels)))
+                                                      + 1.5), squeeze=False)
+    for ax, (d, label) in zip(axes[0], panels):
+        names = list(d)
+        colors = ["0.5" if n == "floor" else "C1" if n.startswith("lowrank") else "C0" for n in names]
+        ax.barh(range(len(names)), list(d.values()), color=colors)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label, fontsize=9)
+        for i, v in enumerate(d.values()):
+            ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.2f}", (v, i), va="center", fontsize=7)
+    fig.suptitle(f"LLaMA {model}, {args.device}, {args.dtype}, torch {torch.__version__}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--models", nargs="*", default=["ref78m"], help=f"any of {', '.join(MODELS)}")
+    ap.add_argument("--modes", nargs="*", default=["memory", "time"], choices=("memory", "time"))
+    ap.add_argument("--configs", nargs="*", help="configuration names (default: all; compiled ones need --compile)")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile'd configurations")
+    ap.add_argument("--batch", type=parse_bt, default=(2, 128), help="batch x seq for memory (default 2x128)")
+    ap.add_argument("--time-batch", type=parse_bt, default=(4, 256), help="batch x seq for time (default 4x256)")
+    ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="weights (default fp32 CPU, bf16 CUDA)")
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (transformers)")
+    ap.add_argument("--mem-steps", type=int, default=3, help="steps of the memory run")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed ordinary steps")
+    ap.add_argument("--refresh-steps", type=int, default=2, help="timed refresh steps (update_gap > 1)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default=str(HERE.parent / "docs" / "bench"))
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        print(json.dumps(worker(json.loads(args._worker))), flush=True)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    names = args.configs or [n for n in CONFIGS if args.compile or n not in COMPILED]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")
+    if not galore_available() and "GaLore r, gap 200" in names:
+        print("galore-torch is not installed (pip install galore-torch bitsandbytes): skipping GaLore", file=sys.stderr)
+        names.remove("GaLore r, gap 200")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in args.models:
+        rows = {}
+        for mode in args.modes:
+            b, s = args.batch if mode == "memory" else args.time_batch
+            for name in names:
+                spec = dict(CONFIGS[name], name=name, model=model, mode=mode, device=args.device, dtype=args.dtype,
+                            batch=b, seq=s, rank=args.rank, checkpointing=args.checkpointing, threads=args.threads,
+                            steps=args.mem_steps if mode == "memory" else args.steps, warmup=args.warmup,
+                            refresh_steps=args.refresh_steps, profile=not args.no_profile)
+                t = time.perf_counter()
+                r = run_spec(spec)
+                r["mode"] = mode
+                rows[f"{name}|{mode}"] = r
+                brief = r.get("error") or (f"{r['peak_above_weights_mib']:.0f} MiB" if mode == "memory"
+                                           else f"{r['amortized_s']:.2f} s/step")
+                print(f"  {model} {mode:6s} {name}: {brief} ({time.perf_counter() - t:.0f} s)", file=sys.stderr,
+                      flush=True)
+        by_mode: dict[str, dict[str, dict]] = {}
+        for r in rows.values():
+            by_mode.setdefault(r["mode"], {})[r["name"]] = r
+        text = tables(model, by_mode, args)
+        print("\n" + text)
+        stem = out / f"bench_{args.device}_{model}"
+        stem.with_suffix(".md").write_text(text + "\n")
+        payload = dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")}, torch=torch.__version__,
+                       threads=args.threads or torch.get_num_threads(), rows=list(rows.values()))
+        stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+        plot(stem.with_suffix(".png"), model, by_mode, args)
+
+if __name__ == "__main__":
+    main()

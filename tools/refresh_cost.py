@@ -1,0 +1,142 @@
+"""Refresh cost: one basis refresh per layer and per model, DCT (matmul / FFT) vs an SVD of the same gradient.
+
+    python tools/refresh_cost.py [--sizes 512 1024 2048 4096] [--tokens 1024] [--json docs/refresh_cost.json]
+
+For each weight shape (the square attention projections n x n and the LLaMA MLP shapes of the GaLore
+configurations, up to 7B's 11008 x 4096) and a random fp32 gradient G of that shape, times:
+
+- svd: ``torch.linalg.svd(G, full_matrices=False)``, what GaLore runs at every refresh;
+- dct matmul: the scores of every DCT column from G, ``|G @ D|`` summed over rows, and the top-r
+  (the reference code's refresh: one (m, n) @ (n, n) product; rows of length n = the smaller side);
+- dct fft: the same scores with ``G @ D`` computed by FFT (lowrank_compile.basis.dct_rows_fft);
+- in backward, exact / sketch 64: what a lowrank_compile refresh actually runs inside the projected backward,
+  from the layer's inputs x (T, n) and output gradients gy (T, m) without forming G: x D (FFT from 512 on),
+  then the exact blockwise scores ``|gy^T (x D)|`` (selection.right_scores) or the 64-row sketch
+  (selection.sketched_right_scores), and the top-r. T = --tokens.
+
+Times are the minimum of --repeats runs (the minimum is the least disturbed by other processes on a shared
+machine); SVDs slower than 5 s run once. Per model: the sum over every projected layer of LLaMA 60M ... 7B
+(hidden / intermediate / layers of the GaLore configurations), from the per-shape times. r = n / 4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from lowrank_compile.basis import dct_matrix, dct_rows_fft, transform_rows
+from lowrank_compile.selection import right_scores, select_top_r, sketch_matrix, sketched_right_scores
+
+# name: (hidden, intermediate, layers); vocab 32000, as in GaLore's configs (and LLaMA-7B).
+MODELS = {"60M": (512, 1376, 8), "130M": (768, 2048, 12), "350M": (1024, 2736, 24), "1B": (2048, 5461, 24),
+          "7B": (4096, 11008, 32)}
+
+
+def model_shapes(hidden: int, inter: int, layers: int) -> list[tuple[tuple[int, int], int]]:
+    """(larger side, smaller side) of every projected weight, with its count (q, k, v, o; gate, up, down)."""
+    return [((hidden, hidden), 4 * layers), ((max(inter, hidden), min(inter, hidden)), 3 * layers)]
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations, DCT table build
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure(m: int, n: int, tokens: int, repeats: int, svd: bool) -> dict:
+    """Times (seconds) of one refresh of an (m, n) weight, m >= n, right projection (basis of size n)."""
+    gen = torch.Generator().manual_seed(m * 7 + n)
+    g = torch.randn(m, n, generator=gen)
+    r = n // 4
+    d = dct_matrix(n)
+    x = torch.randn(tokens, n, generator=gen)
+    gy = torch.randn(tokens, m, generator=gen)
+    omega = sketch_matrix(64, m, 1, seed=0)
+    row = dict(shape=f"{m}x{n}", m=m, n=n, rank=r, tokens=tokens)
+    row["dct_matmul_s"] = timed(lambda: select_top_r((g @ d).abs().sum(0), r), repeats)
+    row["dct_fft_s"] = timed(lambda: select_top_r(dct_rows_fft(g).abs().sum(0), r), repeats)
+    row["backward_exact_s"] = timed(lambda: select_top_r(right_scores(gy, transform_rows("dct", x, d), 1), r), repeats)
+    row["backward_sketch64_s"] = timed(
+        lambda: select_top_r(sketched_right_scores(gy, transform_rows("dct", x, d), omega, 1), r), repeats)
+    row["full_grad_s"] = timed(lambda: gy.t() @ x, repeats)  # for scale: the weight gradient AdamW forms each step
+    if svd:
+        t = time.perf_counter()
+        torch.linalg.svd(g, full_matrices=False)
+        first = time.perf_counter() - t
+        row["svd_s"] = first if first > 5 else min(first, timed(lambda: torch.linalg.svd(g, full_matrices=False),
+                                                               max(1, repeats - 1)))
+    print(f"  {row['shape']}: " + ", ".join(f"{k[:-2]} {v * 1e3:.1f} ms" for k, v in row.items() if k.endswith("_s")),
+          file=sys.stderr, flush=True)
+    return row
+
+
+def fmt(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def pct(part: float, whole: float | None) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "-"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[512, 1024, 2048, 4096], help="square n x n layers")
+    ap.add_argument("--models", nargs="*", default=list(MODELS), help=f"per-model totals for {', '.join(MODELS)}")
+    ap.add_argument("--tokens", type=int, default=1024, help="T for the in-backward refresh (batch x seq)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-svd", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = {(n, n) for n in args.sizes}
+    for name in args.models:
+        for shape, _ in model_shapes(*MODELS[name]):
+            shapes.add(shape)
+    rows = {}
+    for m, n in sorted(shapes, key=lambda s: s[0] * s[1]):
+        rows[(m, n)] = measure(m, n, args.tokens, args.repeats, not args.no_svd)
+    head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, rank r = n / 4, "
+            f"in-backward refresh from T = {args.tokens} tokens\n")
+    lines = [head, "| layer (m x n) | SVD | DCT scores, matmul | DCT scores, FFT | FFT / SVD | in backward, exact | "
+             "in backward, sketch 64 | full weight gradient gy^T x |", "|---|---|---|---|---|---|---|---|"]
+    for (m, n), r in rows.items():
+        svd = r.get("svd_s")
+        lines.append(f"| {m} x {n} | {fmt(svd) if svd else '-'} | {fmt(r['dct_matmul_s'])} | {fmt(r['dct_fft_s'])} | "
+                     f"{pct(r['dct_fft_s'], svd)} | {fmt(r['backward_exact_s'])} | "
+                     f"{fmt(r['backward_sketch64_s'])} | {fmt(r['full_grad_s'])} |")
+    lines += ["", "Per model (sum over every projected layer: q, k, v, o, gate, up, down in each block):", "",
+              "| model | layers | SVD | DCT matmul | DCT FFT | best DCT / SVD | in backward, exact | "
+              "in backward, sketch 64 |", "|---|---|---|---|---|---|---|---|"]
+    totals = {}
+    for name in args.models:
+        parts = model_shapes(*MODELS[name])
+        tot = {k: sum(rows[s][k] * c for s, c in parts) for k in ("dct_matmul_s", "dct_fft_s", "backward_exact_s",
+                                                                    "backward_sketch64_s")}
+        if not args.no_svd:
+            tot["svd_s"] = sum(rows[s]["svd_s"] * c for s, c in parts)
+        totals[name] = tot
+        best = min(tot["dct_matmul_s"], tot["dct_fft_s"])
+        svd = tot.get("svd_s")
+        lines.append(f"| LLaMA {name} | {sum(c for _, c in parts)} | {fmt(svd) if svd else '-'} | "
+                     f"{fmt(tot['dct_matmul_s'])} | {fmt(tot['dct_fft_s'])} | "
+                     f"{pct(best, svd)} | {fmt(tot['backward_exact_s'])} | "
+                     f"{fmt(tot['backward_sketch64_s'])} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), torch=torch.__version__, threads=torch.get_num_threads(),
+                           rows=list(rows.values()), models=totals, table=text), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
