@@ -182,6 +182,8 @@ def main():
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--log-every", type=int, default=20)
     args = ap.parse_args()
+    if args.compare and args.fsdp:
+        ap.error("--compare measures DDP runs (it forms each process's full gradient); drop --fsdp")
     if args.compare:
         args.update_gap = 1
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
@@ -196,15 +198,16 @@ def main():
     if not args.no_baseline and not args.compare:
         runs["adamw"] = train(args, "adamw", text, rank)
     if rank == 0:
-        print(f"\n| optimizer | loss (last 10) | gradient reduction B/step | refresh all-reduce B/step | total B/step |"
-              f" s/step |\n|---|---|---|---|---|---|")
+        print("\n| optimizer | loss (last 10) | gradient reduction B/step | refresh all-reduce B/step | total B/step |"
+              " s/step |\n|---|---|---|---|---|---|")
         for kind, r in runs.items():
             total = r["grad_bytes"] + r["refresh_bytes"]
             print(f"| {kind} | {r['loss']:.4f} | {r['grad_bytes']:,.0f} | {r['refresh_bytes']:,.0f} | {total:,.0f} | "
                   f"{r['seconds'] / args.steps:.3f} |")
         if args.fsdp:
-            print("(FSDP2: the lowrank row's gradient bytes are the payload of its reduce-scatters, computed from the "
-                  "parameters that have gradients; FSDP also all-gathers every weight in full for forward and backward)")
+            print("(FSDP2: the lowrank row's gradient bytes are the payload of its reduce-scatters, computed from "
+                  "the parameters that have gradients; FSDP also all-gathers every weight in full for forward and "
+                  "backward)")
         if "adamw" in runs:
             lr_, ad = runs["lowrank"], runs["adamw"]
             print(f"\ncommunication ratio lowrank / AdamW: gradients {lr_['grad_bytes'] / ad['grad_bytes']:.3f}, "
