@@ -16,7 +16,6 @@ AdamW with the same hyper-parameters. The class gathers; the functions below com
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import torch
@@ -25,34 +24,12 @@ from torch import Tensor
 from . import quant
 from .config import STATE_POLICIES
 from .projection import LowRankLinear, RefreshControl
-from .update import adamw_, compiled, lowrank_adamw_
+from .update import adamw_, compiled, lowrank_adamw_, moments_direction
 
-__all__ = ["LowRankAdamW", "adam_direction", "remap_states"]
+__all__ = ["LowRankAdamW", "remap_states"]
 
-_STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Rows of a low-precision weight updated per chunk: bounds the fp32 temporary of the back-projection.
 _UPDATE_CHUNK_ELEMS = 1 << 22
-
-
-def adam_direction(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float, beta2: float,
-                   eps: float) -> Tensor:
-    """Update the moments in place and return Adam's bias-corrected direction u (fp32; fp64 for fp64 states).
-
-    Written as the reference does, m / (sqrt(v) + eps sqrt(bc2)) scaled by sqrt(bc2) / bc1, which is
-    algebraically (m / bc1) / (sqrt(v / bc2) + eps).
-    """
-    cdt = torch.float64 if exp_avg.dtype == torch.float64 else torch.float32
-    g = grad.to(cdt)
-    m = quant.dequantize(exp_avg, cdt)  # torchao states: .to() only changes their appearance dtype
-    v = quant.dequantize(exp_avg_sq, cdt)
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if m is not exp_avg:  # low-precision or quantised states: write back
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
-    bc1 = 1 - beta1 ** step
-    sqrt_bc2 = math.sqrt(1 - beta2 ** step)
-    return (m / (v.sqrt() + eps * sqrt_bc2)).mul_(sqrt_bc2 / bc1)
 
 
 def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: int) -> None:
@@ -303,8 +280,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        u = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), beta1, beta2,
-                           group["eps"])
+        u = moments_direction(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"])
         lr = group["lr"]
         _apply_back_projection(p, u, layer.columns(torch.float32 if p.dtype != torch.float64 else torch.float64),
                                spec.right, -lr * group["scale"], decay=1 - lr * group["weight_decay"],
@@ -328,8 +304,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        u = adam_direction(p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()), beta1, beta2,
-                           group["eps"])
+        u = moments_direction(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"])
         lr = group["lr"]
         if p.dtype in (torch.float32, torch.float64):
             if group["weight_decay"] != 0:

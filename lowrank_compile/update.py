@@ -12,19 +12,26 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["lowrank_adamw_", "adamw_", "compiled"]
+from . import quant
+
+__all__ = ["moments_direction", "lowrank_adamw_", "adamw_", "compiled"]
 
 
-def _moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
-                       ) -> Tensor:
-    """Update m, v in place; return Adam's bias-corrected direction in fp32 (fp64 for fp64 states)."""
+def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
+                      ) -> Tensor:
+    """Update the moments m, v in place (after step has been advanced); return Adam's bias-corrected direction.
+
+    Computed in fp32 (fp64 for fp64 states) whatever the states' storage: bf16 and torchao-quantised states are
+    read into fp32 and written back. Written as the reference does, m / (sqrt(v) + eps sqrt(bc2)) scaled by
+    sqrt(bc2) / bc1, which is algebraically (m / bc1) / (sqrt(v / bc2) + eps).
+    """
     cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
     g = g.to(cdt)
-    mf = m.to(cdt)
-    vf = v.to(cdt)
+    mf = quant.dequantize(m, cdt)
+    vf = quant.dequantize(v, cdt)
     mf.mul_(beta1).add_(g, alpha=1 - beta1)
     vf.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if mf is not m:
+    if mf is not m:  # low-precision or quantised storage: write back
         m.copy_(mf)
         v.copy_(vf)
     step = step.to(cdt)
@@ -42,7 +49,7 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     """
     for w, g, m, v, d_r, step in zip(weights, grads, exp_avgs, exp_avg_sqs, cols, steps):
         step.add_(1)
-        u = _moments_direction(g, m, v, step, beta1, beta2, eps)
+        u = moments_direction(g, m, v, step, beta1, beta2, eps)
         u = (u * (-lr * scale)).to(w.dtype)
         d_r = d_r.to(w.dtype)
         if weight_decay != 0:
@@ -58,7 +65,7 @@ def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
     """Plain AdamW on fp32/fp64 parameters, in place."""
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step.add_(1)
-        u = _moments_direction(g, m, v, step, beta1, beta2, eps)
+        u = moments_direction(g, m, v, step, beta1, beta2, eps)
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)
         p.sub_((u * lr).to(p.dtype))
