@@ -17,6 +17,7 @@ Everything here is also a small library for tools/convergence.py: ``llama``, ``t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import resource
@@ -30,7 +31,7 @@ import torch
 
 from . import data
 
-__all__ = ["llama", "train", "peak_rss", "main"]
+__all__ = ["llama", "train", "peak_rss", "reset_peak_rss", "main"]
 
 # The two optimizers' learning rates, each the best of a sweep on this model (docs/BENCHMARKS.md,
 # tools/convergence.py): a projected Adam step is smaller than a full one, so the low-rank run wants a larger lr.
@@ -53,9 +54,24 @@ def llama(hidden: int = 192, layers: int = 3, heads: int = 4, intermediate: int 
 
 
 def peak_rss() -> int:
-    """The process's peak resident memory so far, in bytes (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """The process's peak resident memory in bytes: since the last reset_peak_rss() on Linux, else ever."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def reset_peak_rss() -> int:
+    """Lower the peak-RSS mark to the current RSS (Linux: /proc/self/clear_refs) and return it, in bytes."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return peak_rss()
 
 
 def schedule(steps: int, warmup: int):
@@ -117,7 +133,7 @@ def train(spec: dict, progress: bool = True, checkpoint: str | None = None) -> d
     held = data.eval_batches(held_data, spec["batch"], spec["seq"], spec["eval_batches"])
     model = llama(seq=spec["seq"], seed=spec.get("seed", 0), **spec.get("model", {}))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    base = peak_rss()  # the process with the model built and the data loaded
+    base = reset_peak_rss()  # the process with the model built and the data loaded
     opt = make_optimizer(model, spec)
     steps = spec["steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps, spec.get("warmup", max(1, steps // 10))))

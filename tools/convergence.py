@@ -46,16 +46,23 @@ LM_CONFIGS = {
     "dct gap 1 keep": dict(optimizer="lowrank", update_gap=1, state_policy="keep", lrs=NARROW),
     "dct gap 1 reset": dict(optimizer="lowrank", update_gap=1, state_policy="reset", lrs=NARROW),
     "dct gap 1 match, sketch 64": dict(optimizer="lowrank", update_gap=1, state_policy="match", sketch_rows=64,
-                                       lrs=NARROW),
+                                       lrs=(2e-3, 4e-3, 8e-3)),
     "dct gap 1 match, int8 states": dict(optimizer="lowrank", update_gap=1, state_policy="match", state_dtype="int8",
                                          lrs=NARROW),
     "dct gap 10 match": dict(optimizer="lowrank", update_gap=10, state_policy="match"),
+    "dct gap 10 match, int8 states": dict(optimizer="lowrank", update_gap=10, state_policy="match",
+                                          state_dtype="int8", lrs=(2e-3, 4e-3)),
     "dct gap 50 match": dict(optimizer="lowrank", update_gap=50, state_policy="match", lrs=NARROW),
     "dct gap 200 match": dict(optimizer="lowrank", update_gap=200, state_policy="match", lrs=NARROW),
-    "svd gap 10 keep": dict(optimizer="lowrank", basis="svd", update_gap=10, state_policy="keep", lrs=NARROW),
+    "svd gap 10 keep": dict(optimizer="lowrank", basis="svd", update_gap=10, state_policy="keep",
+                            lrs=(4e-3, 8e-3, 1.6e-2)),
     "random gap 10 match": dict(optimizer="lowrank", basis="random", update_gap=10, state_policy="match", lrs=NARROW),
+    "dct gap 1 match, rank hidden/8": dict(optimizer="lowrank", update_gap=1, state_policy="match", rank=16,
+                                           lrs=NARROW),
+    "dct gap 1 match, rank hidden/2": dict(optimizer="lowrank", update_gap=1, state_policy="match", rank=64,
+                                           lrs=NARROW),
 }
-LRS = {"adamw": (1e-3, 2e-3, 4e-3), "lowrank": (2e-3, 4e-3, 8e-3), "galore": (4e-3, 8e-3, 1.6e-2, 3.2e-2)}
+LRS = {"adamw": (1e-3, 2e-3, 4e-3), "lowrank": (2e-3, 4e-3, 8e-3), "galore": (4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)}
 MINILM_CONFIGS = {
     "full AdamW": dict(optimizer="adamw"),
     "lowrank_compile dct gap 1 match": dict(optimizer="lowrank", update_gap=1, state_policy="match"),
@@ -90,7 +97,7 @@ def minilm_run(spec: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lowrank_compile import data
-    from lowrank_compile.demo import make_optimizer, peak_rss, schedule
+    from lowrank_compile.demo import make_optimizer, peak_rss, reset_peak_rss, schedule
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -102,7 +109,7 @@ def minilm_run(spec: dict) -> dict:
                             return_tensors="pt")
     train_x, test_x = enc(train_texts), enc(test_texts)
     train_y, test_y = torch.tensor(train_labels), torch.tensor(test_labels)
-    base = peak_rss()
+    base = reset_peak_rss()
     opt = make_optimizer(model, spec)
     steps = spec["steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps, max(1, steps // 10)))
@@ -287,6 +294,8 @@ def plot_lm(path: Path, runs: list[dict], title: str) -> None:
         style = "-" if r["spec"]["optimizer"] != "lowrank" else "--"
         ax.plot(steps[1:], held[1:], style, color=f"C{i % 10}", lw=1.2,
                 label=f"{r['name']} (lr {r['spec']['lr']:g})")
+    finals = sorted(r["final_eval"] for r in runs)
+    ax.set_ylim(finals[0] * 0.97, finals[len(finals) // 2] * 1.35)  # diverged runs leave the frame
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (nats / byte)")
     ax.set_title(title, fontsize=8)
@@ -296,9 +305,11 @@ def plot_lm(path: Path, runs: list[dict], title: str) -> None:
     bx.barh(range(len(names)), vals, color=[f"C{i % 10}" for i in range(len(names))])
     bx.set_yticks(range(len(names)), names, fontsize=7)
     bx.invert_yaxis()
-    lo = min(vals)
-    bx.set_xlim(lo * 0.95, max(vals) * 1.01)
     ref = next((r["final_eval"] for r in runs if r["name"] == "torch AdamW"), None)
+    hi = min(max(vals) * 1.01, (ref or max(vals)) * 1.2)
+    bx.set_xlim(min(vals) * 0.95, hi)
+    for i, v in enumerate(vals):
+        bx.annotate(f"{v:.3f}", (min(v, hi), i), va="center", ha="right", fontsize=6, color="w")
     if ref:
         bx.axvline(ref, color="k", lw=0.8)
         bx.axvline(ref * 1.03, color="k", lw=0.8, ls=":")
