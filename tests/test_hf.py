@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-accelerate = pytest.importorskip("accelerate")
+import transformers  # noqa: E402  (a test dependency)
+import accelerate  # noqa: E402  (a test dependency)
 from accelerate import Accelerator  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
