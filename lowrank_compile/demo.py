@@ -202,10 +202,8 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw=dict(width_ratios=[2, 1]))
     for i, r in enumerate(results):
         color = f"C{i}"
-        smooth, ema = [], None
-        for v in r["losses"]:
-            ema = v if ema is None else 0.9 * ema + 0.1 * v
-            smooth.append(ema)
+        w = max(1, len(r["losses"]) // 25)  # trailing mean over w steps
+        smooth = [statistics.fmean(r["losses"][max(0, i - w + 1):i + 1]) for i in range(len(r["losses"]))]
         ax.plot(range(1, len(smooth) + 1), smooth, color=color, alpha=0.5, lw=1, label=f"{r['name']} (train)")
         steps, held = zip(*r["evals"])
         ax.plot(steps, held, "o-", color=color, ms=3, label=f"{r['name']} (held-out)")

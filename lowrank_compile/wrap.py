@@ -64,7 +64,8 @@ def wrap_model(
         lr, betas, eps, weight_decay: AdamW hyper-parameters, shared by all parameters. Weight decay is
             decoupled; by default it skips biases and normalisation weights (as transformers' Trainer does).
         update_gap: steps between basis refreshes (step t refreshes when t == 1 or t % update_gap == 0);
-            1 refreshes every step as the paper does. Default 10 (see config.DEFAULT_UPDATE_GAP).
+            1 (default) refreshes every step as the paper does; see config.DEFAULT_UPDATE_GAP and
+            docs/BENCHMARKS.md. sketch_rows=64 makes those refreshes nearly free.
         basis: "dct" (default), "svd" (GaLore: top-r singular vectors, forms the full gradient at refresh
             only) or "random" (a fixed seeded orthonormal basis).
         norm: "l1" (default) or "l2": how basis columns are ranked at a refresh.
