@@ -1,6 +1,6 @@
 """Demo: pre-train a small LLaMA on the bundled corpus with lowrank_compile and with torch AdamW, side by side.
 
-    python -m lowrank_compile.demo                       # about 3 minutes on 2 CPU cores
+    python -m lowrank_compile.demo                       # about 1.5 minutes on 2 CPU cores
     python -m lowrank_compile.demo --steps 60 --out /tmp/demo
 
 A random-init transformers LlamaForCausalLM (byte-level vocabulary, hidden 192, 3 layers by default) is
@@ -33,7 +33,7 @@ from . import data
 
 __all__ = ["llama", "train", "peak_rss", "reset_peak_rss", "main"]
 
-# The two optimizers' learning rates, each the best of a sweep on this model (docs/BENCHMARKS.md,
+# The two optimizers' learning rates, each the best of a sweep on a similar small LLaMA (docs/BENCHMARKS.md,
 # tools/convergence.py): a projected Adam step is smaller than a full one, so the low-rank run wants a larger lr.
 ADAMW_LR = 2e-3
 LOWRANK_LR = 4e-3
@@ -240,7 +240,7 @@ def table(results: list[dict]) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lowrank_compile.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300; about 1.5 min)")
     ap.add_argument("--out", default="lowrank_demo", help="output folder (default ./lowrank_demo)")
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--layers", type=int, default=3)
@@ -251,6 +251,7 @@ def parse_args(argv=None):
     ap.add_argument("--update-gap", type=int, default=None, help="basis refresh interval (default: the library's)")
     ap.add_argument("--state-dtype", default=None, help="fp32 | bf16 | int8 | int4 | fp8 (default: the library's)")
     ap.add_argument("--fused", action="store_true", help="update each layer inside backward")
+    ap.add_argument("--sketch-rows", type=int, default=None, help="refresh scores from a k-row sketch (e.g. 64)")
     ap.add_argument("--adamw-lr", type=float, default=ADAMW_LR)
     ap.add_argument("--lowrank-lr", type=float, default=LOWRANK_LR)
     ap.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (default steps/10)")
@@ -277,7 +278,8 @@ def main(argv=None) -> list[dict]:
                   eval_batches=args.eval_batches, threads=args.threads, seed=0, data_seed=0)
     specs = [dict(common, name="torch AdamW", optimizer="adamw", lr=args.adamw_lr),
              dict(common, name="lowrank_compile", optimizer="lowrank", lr=args.lowrank_lr, rank=rank,
-                  update_gap=args.update_gap, state_dtype=args.state_dtype, fused=args.fused or None)]
+                  update_gap=args.update_gap, state_dtype=args.state_dtype, fused=args.fused or None,
+                  sketch_rows=args.sketch_rows)]
     results = []
     for spec in specs:
         ckpt = str(out / "optimizer.safetensors") if spec["optimizer"] == "lowrank" else None

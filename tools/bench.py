@@ -328,8 +328,9 @@ def tables(model: str, by_mode: dict[str, dict[str, dict]], args) -> str:
             v = r["peak_above_weights_mib"]
             bd = r.get("breakdown_mib") or {}
             split = " / ".join(f"{bd.get(c, 0):.0f}" for c in cats) if bd else "-"
+            prof = f"{bd['total']:.0f}: {split}" if bd else "-"
             out.append(f"| {name} | {v:.0f} | {fmt_ratio(v, ref)} | {fmt_ratio(v, floor)} | {r['state_mib']:.0f} | "
-                       f"{bd.get('total', 0):.0f}: {split} |")
+                       f"{prof} |")
         out.append("")
     if tim:
         ref = tim.get(ref_name, {}).get("amortized_s")

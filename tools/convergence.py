@@ -68,7 +68,7 @@ MINILM_CONFIGS = {
     "lowrank_compile dct gap 1 match": dict(optimizer="lowrank", update_gap=1, state_policy="match"),
     "lowrank_compile dct gap 10 match": dict(optimizer="lowrank", update_gap=10, state_policy="match"),
 }
-MINILM_LRS = {"adamw": (5e-5, 1e-4, 2e-4, 4e-4), "lowrank": (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)}
+MINILM_LRS = {"adamw": (5e-5, 1e-4, 2e-4, 4e-4, 8e-4), "lowrank": (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)}
 
 
 # -- the LM task ----------------------------------------------------------------------------------------------
