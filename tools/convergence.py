@@ -1,7 +1,8 @@
 """Convergence: which optimizer settings train as well as torch AdamW, on the bundled corpus and on a fine-tune.
 
-    python tools/convergence.py lm      [--steps 200 --jobs 2 --out docs]   # ~15 CPU-minutes (2 cores)
-    python tools/convergence.py minilm  [--steps 60 --jobs 2 --out docs]    # ~10 CPU-minutes
+    python tools/convergence.py lm      [--steps 200 --jobs 2 --out docs]   # 38 runs, ~25 min on 2 cores
+    python tools/convergence.py minilm  [--steps 60 --jobs 2 --out docs]    # 14 runs, ~20 min on 2 cores
+    python tools/convergence.py lm --only "torch AdamW" "dct gap 1 match"   # a subset
 
 lm: pre-trains a small random-init LLaMA (byte vocabulary; hidden 128, 4 layers, 4 heads by default) on the
 bundled public-domain corpus (lowrank_compile.data) with torch AdamW, the GaLore peer (galore-torch, SVD,
@@ -220,7 +221,7 @@ def lm_main(args) -> None:
     title = (f"LLaMA hidden {args.hidden}, {args.layers} layers, byte vocab, batch {args.batch}x{args.seq}, "
              f"{args.steps} steps, rank {rank}")
     lines = [f"{title}; torch {torch.__version__}; each at its best learning rate of the sweep\n",
-             "| configuration | best lr | held-out loss | x AdamW | - GaLore | CPU step (ms, 1 thread) |",
+             "| configuration | best lr | held-out loss | x AdamW | - GaLore | step (ms, 1 thread, shared machine) |",
              "|---|---|---|---|---|---|"]
     for name in configs:
         r = best[name]
@@ -254,7 +255,7 @@ def minilm_main(args) -> None:
              f"{args.batch} x {args.max_length} tokens, rank {common['rank']}")
     lines = [f"{title}; torch {torch.__version__}\n",
              "| configuration | best lr | test accuracy (%) | - AdamW (points) | peak RSS above model (MiB) | "
-             "x AdamW | step (ms, 1 thread) |", "|---|---|---|---|---|---|---|"]
+             "x AdamW | step (ms, 1 thread, shared machine) |", "|---|---|---|---|---|---|---|"]
     for name, r in best.items():
         if "error" in r:
             lines.append(f"| {name} | - | failed: {r['error']} | | | | |")
