@@ -21,12 +21,7 @@ from lowrank_compile.checkpoint import CheckpointError
 from lowrank_compile.inspect import main as inspect_main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops are ~100x slower with 2 threads on a loaded 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops are far slower on 2 busy threads
 
 
 def make(hidden: int = 256, rank: int = 16, state_dtype: str = "int8", extra: bool = False, skip_down=False,

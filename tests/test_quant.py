@@ -24,12 +24,7 @@ import lowrank_compile as lrc
 from lowrank_compile import _torchao, quant
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops are ~100x slower with 2 threads on a loaded 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops are far slower on 2 busy threads
 
 
 def _blocks_of_many_scales(numel: int, block: int, signed: bool) -> torch.Tensor:
