@@ -354,6 +354,8 @@ def prepare_ddp(model: nn.Module, opt, *, refresh_sync: str | None = None, comm_
         sync_refreshes(opt, DEFAULT_REFRESH_SYNC, group)
     elif group is not None:
         control.score_reducer.group = group
+    for layer in control.layers:
+        layer.materialize_carrier()  # DDP cannot be built over a stride-0 parameter
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     ignored += [name for name in _lowrank_buffer_names(model) if name not in ignored]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
@@ -553,6 +555,8 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
     elif group is not None:
         opt._control.score_reducer.group = group
 
+    for layer in opt._control.layers:
+        layer.materialize_carrier()  # FSDP2 shards the carriers: they need real storage
     owners = {}  # id(param) -> (module, name), found before sharding replaces the parameters
     for module in model.modules():
         for name, p in module._parameters.items():

@@ -16,6 +16,7 @@ AdamW with the same hyper-parameters. The class gathers; the functions below com
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -45,6 +46,20 @@ def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: in
         shape = [1, 1]
         shape[dim] = -1
         s.copy_(moved * kept.view(shape).to(moved.dtype))
+
+
+def _row_chunks(tensors: tuple[Tensor, ...], max_elems: int):
+    """Slices of same-shape tensors along dim 0, each about max_elems elements, aligned to whole quantisation
+    blocks (256 elements: torchao's states slice only on block boundaries). One whole chunk if small."""
+    first = tensors[0]
+    if first.ndim == 0 or first.numel() <= max_elems:
+        yield tensors
+        return
+    row = first.numel() // first.shape[0]
+    align = 256 // math.gcd(row, 256)  # rows per chunk: a multiple of this keeps chunks block-aligned
+    rows = max(align, (max_elems // row) // align * align)
+    for start in range(0, first.shape[0], rows):
+        yield tuple(t[start:start + rows] for t in tensors)
 
 
 def _apply_back_projection(w: Tensor, u: Tensor, d_r: Tensor, right: bool, alpha: float, decay: float = 1.0,
@@ -300,20 +315,26 @@ class LowRankAdamW(torch.optim.Optimizer):
         state[key].copy_(layer.selection())
 
     def _step_plain(self, p: Tensor, group: dict) -> None:
-        """One plain parameter whose states are ready (low-precision weights or quantised states)."""
+        """One plain parameter whose states are ready (low-precision weights or quantised states).
+
+        A large parameter (an embedding, an lm_head) is updated in row chunks, so its fp32 temporaries
+        (dequantised moments, the direction, the fp32 weight) never exist at full size.
+        """
         state = self.state[p]
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        u = moments_direction(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"])
-        lr = group["lr"]
-        if p.dtype in (torch.float32, torch.float64):
-            if group["weight_decay"] != 0:
-                p.mul_(1 - lr * group["weight_decay"])
-            p.add_(u.to(p.dtype), alpha=-lr)
-        else:  # decay and update in fp32, rounded once (stochastically for bf16 unless switched off)
-            new = p.float().mul_(1 - lr * group["weight_decay"]).sub_(u, alpha=lr)
-            generator = self._rounding_generator(p, group, state)
-            p.copy_(quant.round_to_bf16(new, generator) if p.dtype == torch.bfloat16 else new.to(p.dtype))
+        lr, wd = group["lr"], group["weight_decay"]
+        generator = None if p.dtype in (torch.float32, torch.float64) else self._rounding_generator(p, group, state)
+        tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        for w, g, m, v in _row_chunks(tensors, _UPDATE_CHUNK_ELEMS):
+            u = moments_direction(g, m, v, state["step"], beta1, beta2, group["eps"])
+            if w.dtype in (torch.float32, torch.float64):
+                if wd != 0:
+                    w.mul_(1 - lr * wd)
+                w.add_(u.to(w.dtype), alpha=-lr)
+            else:  # decay and update in fp32, rounded once (stochastically for bf16 unless switched off)
+                new = w.float().mul_(1 - lr * wd).sub_(u, alpha=lr)
+                w.copy_(quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype))
 
     def _rounding_generator(self, p: Tensor, group: dict, state: dict) -> torch.Generator | None:
         """The generator for stochastically rounding bf16 weight p at this step, or None (round to nearest).

@@ -9,9 +9,11 @@ are re-selected from x and gy blockwise (see selection.py) and the new indices a
 layer's index buffer in place, inside backward.
 
 Autograd will not put an (out, r) gradient into W.grad, so each layer registers a carrier parameter,
-``lowrank_grad``, of the rank-r shape: its ``.grad`` receives G_low. It is a real tensor, so
-DistributedDataParallel reduces it like any parameter and ``clip_grad_norm_(model.parameters())`` clips
-the rank-r gradients; it is kept out of ``state_dict()``. W itself is marked requires_grad=False while
+``lowrank_grad``, of the rank-r shape: its ``.grad`` receives G_low, so ``clip_grad_norm_(model.parameters())``
+clips the rank-r gradients; it is kept out of ``state_dict()``. Its own value is never read, so in a
+single process it is a stride-0 view of one zero and costs no memory; DistributedDataParallel and FSDP2
+need a real tensor to reduce and shard, so in a multi-process job (and in prepare_ddp / prepare_fsdp) it
+is materialised (:meth:`LowRankLinear.materialize_carrier`). W itself is marked requires_grad=False while
 wrapped, so W.grad stays None.
 
 A transposed weight (transformers' Conv1D, GPT-2 family: W stored (in, out), y = x W + b) goes through the
@@ -168,6 +170,13 @@ def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec
     return (g2 @ d_r).t() @ x2  # (r, T) @ (T, in) -> (r, in)
 
 
+def carrier_data(shape, dtype: torch.dtype, device, dense: bool) -> Tensor:
+    """Zeros of `shape` for a carrier: a real tensor if `dense`, else a stride-0 view of one element (free)."""
+    if dense:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
     """y = x W^T + b for a weight stored (out, in); y = x W + b for a transposed one stored (in, out), as Conv1D."""
     if not transposed:
@@ -233,7 +242,8 @@ class LowRankLinear(nn.Linear):
     _lowrank_transposed: bool = False  # True: weight stored (in, out), y = x W + b (transformers' Conv1D)
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, spec: LayerSpec, control: RefreshControl) -> "LowRankLinear":
+    def wrap(cls, linear: nn.Linear, spec: LayerSpec, control: RefreshControl, dense_carrier: bool = False
+             ) -> "LowRankLinear":
         out_f, in_f = linear.weight.shape
         r = spec.rank
         linear.__class__ = cls
@@ -242,11 +252,12 @@ class LowRankLinear(nn.Linear):
         linear._lowrank_refresh = True  # nothing selected yet: the first backward selects
         linear._lowrank_refreshed = False
         linear._lowrank_selected = False
+        linear._lowrank_dense_carrier = dense_carrier
         control.layers.append(linear)
         w = linear.weight
         w.requires_grad_(False)
         carrier_shape = (out_f, r) if spec.right else (r, in_f)
-        carrier = nn.Parameter(torch.zeros(carrier_shape, dtype=w.dtype, device=w.device))
+        carrier = nn.Parameter(carrier_data(carrier_shape, w.dtype, w.device, dense_carrier))
         linear.register_parameter(CARRIER, carrier)
         linear._lowrank_hook = carrier.register_post_accumulate_grad_hook(linear._lowrank_grad_ready)
         n = in_f if spec.right else out_f
@@ -268,10 +279,25 @@ class LowRankLinear(nn.Linear):
         self._buffers.pop(SVD_BASIS, None)
         self._lowrank_control.layers.remove(self)
         for attr in ("lowrank_spec", "_lowrank_control", "_lowrank_refresh", "_lowrank_refreshed", "_lowrank_selected",
-                     "_lowrank_hook"):
+                     "_lowrank_hook", "_lowrank_dense_carrier"):
             delattr(self, attr)
         self.weight.requires_grad_(True)
         self.__class__ = self._lowrank_dense_class
+        return self
+
+    def materialize_carrier(self) -> None:
+        """Give the carrier real storage (same Parameter object), as DDP and FSDP2 need; a no-op if it has it."""
+        carrier = self._parameters[CARRIER]
+        self._lowrank_dense_carrier = True
+        if 0 in carrier.stride() and carrier.numel() > 1:
+            carrier.data = carrier_data(carrier.shape, carrier.dtype, carrier.device, dense=True)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() of a stride-0 carrier would allocate it in full: keep it a free view instead
+        super()._apply(fn, recurse)
+        carrier = self._parameters.get(CARRIER)
+        if carrier is not None and not self._lowrank_dense_carrier and 0 not in carrier.stride():
+            carrier.data = carrier_data(carrier.shape, carrier.dtype, carrier.device, dense=False)
         return self
 
     def _lowrank_grad_ready(self, carrier: Tensor) -> None:

@@ -145,8 +145,9 @@ def wrap_model(
     distributed.check_refresh_sync(refresh_sync)
     control = RefreshControl(config.update_gap, sketch_rows=sketch_rows, seed=seed)
     layers: dict[torch.Tensor, LowRankLinear] = {}
+    dense_carriers = distributed.is_multiprocess()  # DDP / FSDP2 reduce and shard the carriers: real storage
     for fqn, linear, spec in plan:
-        layer = _lowrank_class(linear).wrap(linear, spec, control)
+        layer = _lowrank_class(linear).wrap(linear, spec, control, dense_carrier=dense_carriers)
         layers[layer.weight] = layer
 
     projected = set(layers)

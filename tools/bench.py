@@ -46,8 +46,10 @@ MODELS = {"ref78m": (1024, 2736, 6, 16, 1000), "60M": (512, 1376, 8, 8, 32000), 
           "350M": (1024, 2736, 24, 16, 32000), "1B": (2048, 5461, 24, 32, 32000), "7B": (4096, 11008, 32, 32, 32000)}
 
 
-def lowrank(gap: int, dtype: str = "fp32", fused: bool = False, sketch: int = 0, compiled: bool = False) -> dict:
-    return dict(kind="lowrank", update_gap=gap, state_dtype=dtype, fused=fused, sketch_rows=sketch, compiled=compiled)
+def lowrank(gap: int, dtype: str = "fp32", fused: bool = False, sketch: int = 0, compiled: bool = False,
+            head: bool = False) -> dict:
+    return dict(kind="lowrank", update_gap=gap, state_dtype=dtype, fused=fused, sketch_rows=sketch, compiled=compiled,
+                project_head=head)
 
 
 CONFIGS = {
@@ -59,6 +61,8 @@ CONFIGS = {
     "lowrank gap 200 fp32": lowrank(200),
     "lowrank gap 200 int8": lowrank(200, "int8"),
     "lowrank gap 200 int8 fused": lowrank(200, "int8", True),
+    "lowrank gap 200 int8 fused, lm_head projected": lowrank(200, "int8", True, head=True),
+    "lowrank gap 200 int4 fused, lm_head projected": lowrank(200, "int4", True, head=True),
     "lowrank gap 50 fp32": lowrank(50),
     "lowrank gap 50 fp32 fused": lowrank(50, "fp32", True),
     "lowrank gap 50 int8 fused": lowrank(50, "int8", True),
@@ -68,6 +72,8 @@ CONFIGS = {
     "lowrank gap 1 sketch64 fp32 fused": lowrank(1, "fp32", True, 64),
     "lowrank gap 1 sketch64 int8 fused": lowrank(1, "int8", True, 64),
     "lowrank gap 50 int8 fused, compiled": lowrank(50, "int8", True, compiled=True),
+    "lowrank gap 200 int8 fused, compiled": lowrank(200, "int8", True, compiled=True),
+    "lowrank gap 1 int8 fused, compiled": lowrank(1, "int8", True, compiled=True),
     "lowrank gap 1 sketch64 int8 fused, compiled": lowrank(1, "int8", True, 64, compiled=True),
 }
 COMPILED = {k for k, v in CONFIGS.items() if v.get("compiled")}
@@ -147,8 +153,7 @@ def make_optimizer(model, spec: dict):
 
         return AdamW8bit(model.parameters(), lr=1e-4)
     if kind == "galore":
-        from galore_torch import GaLoreAdamW
-
+        GaLoreAdamW = galore_adamw()
         big = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
         ids = {id(p) for p in big}
         groups = [dict(params=[p for p in model.parameters() if id(p) not in ids]),
@@ -157,9 +162,10 @@ def make_optimizer(model, spec: dict):
     if kind == "lowrank":
         import lowrank_compile as lrc
 
+        head = spec.get("project_head", False)
         opt = lrc.wrap_model(model, rank=spec["rank"], lr=1e-4, update_gap=spec["update_gap"],
                              state_dtype=spec["state_dtype"], fused=spec["fused"], sketch_rows=spec["sketch_rows"],
-                             filter_fn=lambda m, fqn: "lm_head" not in fqn)
+                             filter_fn=lambda m, fqn: head or "lm_head" not in fqn)
         if spec.get("compiled"):
             lrc.compile_blocks(model)
         return opt
@@ -173,7 +179,7 @@ def preload(kind: str) -> None:
         import lowrank_compile  # noqa: F401  (imports torchao quietly)
         import torchao.optim  # noqa: F401
     if kind == "galore":
-        import galore_torch  # noqa: F401  (and bitsandbytes)
+        galore_adamw()
     sys.path.insert(0, str(HERE))
     import _measure  # noqa: F401
 
@@ -218,15 +224,17 @@ def worker(spec: dict) -> dict:
 
     result = dict(name=spec["name"], spec=spec, weights_mib=weights / 2**20)
     gap = spec.get("update_gap", 0) if spec["kind"] == "lowrank" else 0
-    if spec["mode"] == "memory":
-        for _ in range(spec["steps"]):  # step 1 refreshes (every kind selects its basis on its first step)
+    if spec["mode"] in ("memory", "both"):
+        for _ in range(spec["mem_steps"]):  # step 1 refreshes (every kind selects its basis on its first step)
             train_step()
         peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss()) - base
         result["peak_above_weights_mib"] = peak / 2**20
+        if cuda:
+            result["peak_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["state_mib"] = _state_bytes(opt) / 2**20 if opt is not None else 0.0
         if spec.get("profile"):
             result["breakdown_mib"] = profile_breakdown(train_step, spec["device"])
-    else:
+    if spec["mode"] in ("time", "both"):
         warm = [timed_step() for _ in range(spec["warmup"])]
         ordinary = [timed_step() for _ in range(spec["steps"])]
         result["ordinary_s"] = statistics.median(ordinary)
@@ -292,9 +300,30 @@ def parse_bt(s: str) -> tuple[int, int]:
     return int(b), int(t)
 
 
+def galore_adamw():
+    """galore-torch's GaLoreAdamW. Its package __init__ also imports the 8-bit variant, hence bitsandbytes; where
+    bitsandbytes is missing, load the AdamW module alone (it needs only torch and transformers)."""
+    try:
+        from galore_torch import GaLoreAdamW
+
+        return GaLoreAdamW
+    except ImportError:
+        import importlib
+        import importlib.util
+        import types
+
+        found = importlib.util.find_spec("galore_torch")
+        if found is None:
+            raise
+        package = types.ModuleType("galore_torch")
+        package.__path__ = list(found.submodule_search_locations)
+        sys.modules["galore_torch"] = package
+        return importlib.import_module("galore_torch.adamw").AdamW
+
+
 def galore_available() -> bool:
     try:
-        import galore_torch  # noqa: F401
+        galore_adamw()
     except Exception:
         return False
     return True
@@ -318,19 +347,25 @@ def tables(model: str, by_mode: dict[str, dict[str, dict]], args) -> str:
         b, s = args.batch
         what = "max_memory_allocated" if args.device == "cuda" else "peak RSS"
         cats = ("optimizer_state", "gradient", "activation", "temporary", "autograd_detail")
-        out += [f"Memory at batch {b} x {s} ({what} above the weights, each configuration in its own process):\n",
-                "| configuration | above weights (MiB) | x AdamW | x floor | optimizer state (MiB) | profiler peak "
-                "(MiB): " + " / ".join(cats) + " |", "|---|---|---|---|---|---|"]
+        floor_total = mem.get("floor", {}).get("peak_total_mib")
+        ref_total = mem.get(ref_name, {}).get("peak_total_mib")
+        out += [f"Memory at batch {b} x {s} ({what} above the weights, each configuration in its own process"
+                f"{'; total = max_memory_allocated with the weights' if args.device == 'cuda' else ''}):\n",
+                "| configuration | above weights (MiB) | x AdamW | x floor | total peak (MiB) | total x AdamW | total "
+                "x floor | optimizer state (MiB) | profiler peak (MiB): " + " / ".join(cats) + " |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for name, r in mem.items():
             if "error" in r:
-                out.append(f"| {name} | failed: {r['error'][:150]} | | | | |")
+                out.append(f"| {name} | failed: {r['error'][:150]} | | | | | | | |")
                 continue
             v = r["peak_above_weights_mib"]
+            total = r.get("peak_total_mib")
             bd = r.get("breakdown_mib") or {}
             split = " / ".join(f"{bd.get(c, 0):.0f}" for c in cats) if bd else "-"
             prof = f"{bd['total']:.0f}: {split}" if bd else "-"
-            out.append(f"| {name} | {v:.0f} | {fmt_ratio(v, ref)} | {fmt_ratio(v, floor)} | {r['state_mib']:.0f} | "
-                       f"{prof} |")
+            out.append(f"| {name} | {v:.0f} | {fmt_ratio(v, ref)} | {fmt_ratio(v, floor)} | "
+                       f"{f'{total:.0f}' if total else '-'} | {fmt_ratio(total, ref_total)} | "
+                       f"{fmt_ratio(total, floor_total)} | {r['state_mib']:.0f} | {prof} |")
         out.append("")
     if tim:
         ref = tim.get(ref_name, {}).get("amortized_s")
@@ -343,8 +378,8 @@ def tables(model: str, by_mode: dict[str, dict[str, dict]], args) -> str:
                 out.append(f"| {name} | failed: {r['error'][:150]} | | | |")
                 continue
             ref_s = r.get("refresh_s")
-            out.append(f"| {name} | {r['ordinary_s']:.2f} | {f'{ref_s:.2f}' if ref_s else '-'} | "
-                       f"{r['amortized_s']:.2f} | {fmt_ratio(r['amortized_s'], ref)} |")
+            out.append(f"| {name} | {r['ordinary_s']:.3f} | {f'{ref_s:.3f}' if ref_s else '-'} | "
+                       f"{r['amortized_s']:.3f} | {fmt_ratio(r['amortized_s'], ref)} |")
     return "\n".join(out)
 
 
@@ -454,29 +489,36 @@ def main(argv=None) -> None:
     for model in args.models:
         rows = {}
         tries: dict[str, list[dict]] = {}
-        for mode in args.modes:
-            b, s = args.batch if mode == "memory" else args.time_batch
-            rounds = args.rounds if mode == "time" else 1
+        # On CUDA, with one batch for both, one process per configuration measures memory, then time (the
+        # peak is read before the timed steps): half the model builds.
+        together = args.device == "cuda" and set(args.modes) == {"memory", "time"} and args.batch == args.time_batch
+        for mode in (["both"] if together else args.modes):
+            b, s = args.batch if mode != "time" else args.time_batch
+            rounds = args.rounds if mode != "memory" else 1
             for rnd in range(rounds):  # time: configurations interleaved, round after round
                 for name in names:
                     spec = dict(CONFIGS[name], name=name, model=model, mode=mode, device=args.device,
                                 dtype=args.dtype, batch=b, seq=s, rank=args.rank, checkpointing=args.checkpointing,
-                                threads=args.threads, steps=args.mem_steps if mode == "memory" else args.steps,
-                                warmup=args.warmup, refresh_steps=args.refresh_steps, profile=not args.no_profile)
+                                threads=args.threads, steps=args.steps, mem_steps=args.mem_steps,
+                                warmup=args.warmup, refresh_steps=args.refresh_steps,
+                                profile=not args.no_profile and rnd == 0)
                     t = time.perf_counter()
                     r = run_spec(spec)
-                    r["mode"] = mode
-                    brief = r.get("error") or (f"{r['peak_above_weights_mib']:.0f} MiB" if mode == "memory"
-                                               else f"{r['amortized_s']:.2f} s/step")
-                    print(f"  {model} {mode:6s} round {rnd + 1} {name}: {brief} ({time.perf_counter() - t:.0f} s)",
-                          file=sys.stderr, flush=True)
-                    tries.setdefault(f"{name}|{mode}", []).append(r)
+                    for m in (["memory", "time"] if mode == "both" else [mode]):
+                        if m == "memory" and rnd > 0:
+                            continue
+                        rm = dict(r, mode=m)
+                        brief = rm.get("error") or (f"{rm['peak_above_weights_mib']:.0f} MiB" if m == "memory"
+                                                    else f"{rm['amortized_s']:.3f} s/step")
+                        print(f"  {model} {m:6s} round {rnd + 1} {name}: {brief} ({time.perf_counter() - t:.0f} s)",
+                              file=sys.stderr, flush=True)
+                        tries.setdefault(f"{name}|{m}", []).append(rm)
         for key, results in tries.items():
             ok = [r for r in results if "error" not in r]
             if not ok:
                 rows[key] = results[-1]
                 continue
-            best = min(ok, key=lambda r: r.get("amortized_s", 0.0))
+            best = min(ok, key=lambda r: r.get("amortized_s", 0.0) if r["mode"] == "time" else 0.0)
             if best["mode"] == "time":
                 best["rounds_s"] = [r["amortized_s"] for r in ok]
             rows[key] = best
