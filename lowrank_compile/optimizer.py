@@ -114,7 +114,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict], layers: dict[Tensor, LowRankLinear], control: RefreshControl, *,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, scale: float,
                  state_policy: str, state_dtype: str, fused: bool = False, accumulate: int = 1,
-                 compile_step: bool = False, stochastic_round: bool = True, seed: int = 0,
+                 compile_step: bool | None = None, stochastic_round: bool = True, seed: int = 0,
                  clip_per_tensor: float | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
                         state_policy=state_policy, state_dtype=state_dtype, lowrank=False,
@@ -126,10 +126,18 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._micro_steps = 0
         self._fused_counts: dict[Tensor, int] = {}
         self._clip_per_tensor = clip_per_tensor
-        self._compile_step = compile_step
+        self._compile_step = bool(compile_step)
+        # torchao-quantised states are updated by a compiled function unless compile_step=False: eager, their
+        # codecs run a dozen full-size int64 passes per state and step (torchao compiles its own step too)
+        self._compile_quantized = compile_step is not False
         super().__init__(param_groups, defaults)
         if compile_step:
             _allow_recompiles(len(param_groups) + len({(tuple(p.shape), p.dtype) for p in layers}))
+        if self._compile_quantized and any(quant.storage_kind((quant.MIN_QUANT_NUMEL,), g["state_dtype"]) != "fp32"
+                                           for g in self.param_groups):
+            shapes = {tuple(layers[p].lowrank_grad.shape) if g["lowrank"] else (tuple(p.shape), p.dtype)
+                      for g in self.param_groups for p in g["params"]}
+            _allow_recompiles(3 * len(shapes))  # each shape, and up to two row-chunk shapes of a large one
         if fused:
             self._register_fused_hooks()
 
@@ -295,7 +303,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        u = moments_direction(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"])
+        u = self._moments_fn(state["exp_avg"])(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2,
+                                              group["eps"])
         lr = group["lr"]
         _apply_back_projection(p, u, layer.columns(torch.float32 if p.dtype != torch.float64 else torch.float64),
                                spec.right, -lr * group["scale"], decay=1 - lr * group["weight_decay"],
@@ -308,7 +317,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             for s in moments:
                 quant.zero_(s)
         elif policy == "match":
-            remap_states(moments, state["indices"], layer.selection(), dim=1 if layer.lowrank_spec.right else 0)
+            remap = compiled(remap_states) if self._compile_quantized and quant.is_quantized(moments[0]) else remap_states
+            remap(moments, state["indices"], layer.selection(), dim=1 if layer.lowrank_spec.right else 0)
         elif policy != "keep":
             raise ValueError(f"unknown state_policy {policy!r}; use one of {STATE_POLICIES}")
         key = "basis" if layer.lowrank_spec.basis == "svd" else "indices"
@@ -327,7 +337,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         generator = None if p.dtype in (torch.float32, torch.float64) else self._rounding_generator(p, group, state)
         tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
         for w, g, m, v in _row_chunks(tensors, _UPDATE_CHUNK_ELEMS):
-            u = moments_direction(g, m, v, state["step"], beta1, beta2, group["eps"])
+            u = self._moments_fn(m)(g, m, v, state["step"], beta1, beta2, group["eps"])
             if w.dtype in (torch.float32, torch.float64):
                 if wd != 0:
                     w.mul_(1 - lr * wd)
@@ -335,6 +345,12 @@ class LowRankAdamW(torch.optim.Optimizer):
             else:  # decay and update in fp32, rounded once (stochastically for bf16 unless switched off)
                 new = w.float().mul_(1 - lr * wd).sub_(u, alpha=lr)
                 w.copy_(quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype))
+
+    def _moments_fn(self, m: Tensor) -> Callable:
+        """moments_direction, compiled for torchao-quantised states (unless compile_step=False)."""
+        if self._compile_quantized and quant.is_quantized(m):
+            return compiled(moments_direction)
+        return moments_direction
 
     def _rounding_generator(self, p: Tensor, group: dict, state: dict) -> torch.Generator | None:
         """The generator for stochastically rounding bf16 weight p at this step, or None (round to nearest).

@@ -41,7 +41,7 @@ def wrap_model(
     layer_rank: Mapping[str, int | float] | None = None,
     decay_all: bool = False,
     accumulate: int = 1,
-    compile_step: bool = False,
+    compile_step: bool | None = None,
     sketch_rows: int = 0,
     seed: int = 0,
     clip_per_tensor: float | None = None,
@@ -98,8 +98,10 @@ def wrap_model(
         stochastic_round: write bf16 weights back with stochastic rounding (default True), so updates
             below half a bf16 ulp still count on average; its bits come from (seed, parameter, step), so a
             resume repeats them exactly. False rounds to nearest. No effect on fp32 weights.
-        compile_step: run the update of each group of same-shape layers as one torch.compile'd graph
+        compile_step: True: run the update of each group of same-shape layers as one torch.compile'd graph
             (lr and step counts are tensors: schedules never recompile). Pays on GPUs; compiles once per shape.
+            None (default): compile only the updates of torchao-quantised states (int8 / int4 / fp8), whose
+            codecs are many times slower and larger in eager mode; False: compile nothing.
         refresh_sync: how the processes of a data-parallel job agree on each refresh's columns (see
             lowrank_compile.distributed): "auto" (default) is "exact" when torch.distributed is initialised
             with more than one process and nothing otherwise; "exact" selects from the gradient summed over

@@ -177,6 +177,7 @@ def preload(kind: str) -> None:
 
     if kind in ("lowrank", "adamw8bit"):
         import lowrank_compile  # noqa: F401  (imports torchao quietly)
+        import torch._inductor.compile_fx  # noqa: F401  (both compile their quantised-state updates)
         import torchao.optim  # noqa: F401
     if kind == "galore":
         galore_adamw()
@@ -504,6 +505,8 @@ def main(argv=None) -> None:
                                 profile=not args.no_profile and rnd == 0)
                     t = time.perf_counter()
                     r = run_spec(spec)
+                    with open(out / f"bench_{args.device}_{model}.partial.jsonl", "a") as f:  # survives a kill
+                        f.write(json.dumps(r) + "\n")
                     for m in (["memory", "time"] if mode == "both" else [mode]):
                         if m == "memory" and rnd > 0:
                             continue
