@@ -37,7 +37,24 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     step = step.to(cdt)
     bc1 = 1 - beta1 ** step
     sqrt_bc2 = (1 - beta2 ** step).sqrt()
-    return mf / (vf.sqrt() + eps * sqrt_bc2) * (sqrt_bc2 / bc1)
+    u = mf / (vf.sqrt() + eps * sqrt_bc2) * (sqrt_bc2 / bc1)
+    if quant.is_quantized(m):
+        bound = adam_ratio_bound(step, beta1, beta2) * 1.05  # slack for the fp32 rounding of the bound itself
+        u = u.clamp(-bound, bound)
+    return u
+
+
+def adam_ratio_bound(step: Tensor, beta1: float, beta2: float) -> Tensor:
+    """An upper bound of |m_hat / sqrt(v_hat)| at step t for any gradients (Cauchy-Schwarz on the two sums).
+
+    Exact Adam never reaches it, whenever its states last started from zero. Quantised states can: m and v
+    are rounded independently, and a small v in a block with a large absmax (a slot freshly zeroed by a
+    refresh, next to slots with long histories) rounds to 0 while m does not, which would make m / eps a
+    step of ~1e5. Clamping to the bound changes nothing that exact arithmetic could produce.
+    """
+    ratio = beta1 * beta1 / beta2
+    s = step if ratio == 1 else (1 - ratio ** step) / (1 - ratio)  # sum of ratio^k, k < t
+    return (1 - beta1) / (1 - beta1 ** step) * (s * (1 - beta2 ** step) / (1 - beta2)).sqrt()
 
 
 def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

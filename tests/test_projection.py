@@ -249,3 +249,20 @@ def test_layer_called_twice_on_refresh_step():
     torch.testing.assert_close(wrapped.lin.lowrank_grad.grad,
                                project(dense.lin.weight.grad, dct_basis(24)[:, wrapped.lin.lowrank_idx], True),
                                rtol=1e-12, atol=1e-14)
+
+
+def test_carrier_costs_no_memory_outside_ddp_and_materialises_on_request():
+    """A single process needs no carrier storage (stride 0); DDP / FSDP2 get a real tensor (same Parameter)."""
+    dense, wrapped, layer, _ = make_pair("right", True)
+    carrier = layer.lowrank_grad
+    assert 0 in carrier.stride() and carrier.untyped_storage().nbytes() <= carrier.element_size()
+    x, _ = batch("right", (2, 3), 9)
+    wrapped(x).sum().backward()
+    assert carrier.grad is not None and carrier.grad.is_contiguous() and carrier.grad.shape == carrier.shape
+    wrapped.to(torch.float64)  # .to() keeps it free
+    assert layer.lowrank_grad is carrier and 0 in carrier.stride() and carrier.dtype == torch.float64
+    layer.materialize_carrier()
+    assert layer.lowrank_grad is carrier and carrier.is_contiguous() and carrier.untyped_storage().nbytes() == \
+        carrier.numel() * carrier.element_size()
+    wrapped.to(torch.float32)
+    assert carrier.is_contiguous()  # materialised carriers stay real after .to()

@@ -40,12 +40,22 @@ def model_shapes(hidden: int, inter: int, layers: int) -> list[tuple[tuple[int, 
     return [((hidden, hidden), 4 * layers), ((max(inter, hidden), min(inter, hidden)), 3 * layers)]
 
 
+DEVICE = "cpu"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up: first-call allocations, DCT table build
     best = float("inf")
     for _ in range(repeats):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -53,12 +63,12 @@ def timed(fn, repeats: int) -> float:
 def measure(m: int, n: int, tokens: int, repeats: int, svd: bool) -> dict:
     """Times (seconds) of one refresh of an (m, n) weight, m >= n, right projection (basis of size n)."""
     gen = torch.Generator().manual_seed(m * 7 + n)
-    g = torch.randn(m, n, generator=gen)
+    g = torch.randn(m, n, generator=gen).to(DEVICE)
     r = n // 4
-    d = dct_matrix(n)
-    x = torch.randn(tokens, n, generator=gen)
-    gy = torch.randn(tokens, m, generator=gen)
-    omega = sketch_matrix(64, m, 1, seed=0)
+    d = dct_matrix(n).to(DEVICE)
+    x = torch.randn(tokens, n, generator=gen).to(DEVICE)
+    gy = torch.randn(tokens, m, generator=gen).to(DEVICE)
+    omega = sketch_matrix(64, m, 1, seed=0).to(DEVICE)
     row = dict(shape=f"{m}x{n}", m=m, n=n, rank=r, tokens=tokens)
     row["dct_matmul_s"] = timed(lambda: select_top_r((g @ d).abs().sum(0), r), repeats)
     row["dct_fft_s"] = timed(lambda: select_top_r(dct_rows_fft(g).abs().sum(0), r), repeats)
@@ -67,8 +77,10 @@ def measure(m: int, n: int, tokens: int, repeats: int, svd: bool) -> dict:
         lambda: select_top_r(sketched_right_scores(gy, transform_rows("dct", x, d), omega, 1), r), repeats)
     row["full_grad_s"] = timed(lambda: gy.t() @ x, repeats)  # for scale: the weight gradient AdamW forms each step
     if svd:
+        _sync()
         t = time.perf_counter()
         torch.linalg.svd(g, full_matrices=False)
+        _sync()
         first = time.perf_counter() - t
         row["svd_s"] = first if first > 5 else min(first, timed(lambda: torch.linalg.svd(g, full_matrices=False),
                                                                max(1, repeats - 1)))
@@ -93,8 +105,11 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-svd", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = {(n, n) for n in args.sizes}
@@ -104,7 +119,8 @@ def main(argv=None) -> None:
     rows = {}
     for m, n in sorted(shapes, key=lambda s: s[0] * s[1]):
         rows[(m, n)] = measure(m, n, args.tokens, args.repeats, not args.no_svd)
-    head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, rank r = n / 4, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    head = (f"torch {torch.__version__}, {where}, fp32, rank r = n / 4, "
             f"in-backward refresh from T = {args.tokens} tokens\n")
     lines = [head, "| layer (m x n) | SVD | DCT scores, matmul | DCT scores, FFT | FFT / SVD | in backward, exact | "
              "in backward, sketch 64 | full weight gradient gy^T x |", "|---|---|---|---|---|---|---|---|"]

@@ -1,0 +1,67 @@
+"""Where one training step's time goes: torch.profiler's table of the top operators, per configuration.
+
+    python tools/profile_step.py --device cuda --model 1B --batch 4x1024 --rank 512 \\
+        --configs "torch AdamW fused" "lowrank gap 50 int8 fused"
+
+Builds the model and optimizer as tools/bench.py does (same configuration names), runs --warmup steps,
+then profiles one ordinary step and prints the operators by self device time (CPU time on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--model", default="ref78m", choices=list(bench.MODELS))
+    ap.add_argument("--configs", nargs="+", required=True)
+    ap.add_argument("--batch", type=bench.parse_bt, default=(4, 256))
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"))
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args(argv)
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    cuda = args.device == "cuda"
+    for name in args.configs:
+        spec = dict(bench.CONFIGS[name], name=name, model=args.model, device=args.device, dtype=dtype,
+                    batch=args.batch[0], seq=args.batch[1], rank=args.rank)
+        bench.preload(spec["kind"])
+        model = bench.build(spec)
+        opt = bench.make_optimizer(model, spec)
+        ids = torch.randint(0, bench.MODELS[args.model][4], args.batch, device=args.device)
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+
+        for _ in range(args.warmup):
+            step()
+        if getattr(opt, "_control", None) is not None and opt._control.refresh:
+            step()  # profile an ordinary step
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            step()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(f"\n### {name} ({args.model}, batch {args.batch[0]}x{args.batch[1]}, rank {args.rank})")
+        print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+        del model, opt
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
