@@ -48,15 +48,15 @@ def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: in
         s.copy_(moved * kept.view(shape).to(moved.dtype))
 
 
-def _row_chunks(tensors: tuple[Tensor, ...], max_elems: int):
-    """Slices of same-shape tensors along dim 0, each about max_elems elements, aligned to whole quantisation
-    blocks (256 elements: torchao's states slice only on block boundaries). One whole chunk if small."""
+def _row_chunks(tensors: tuple[Tensor, ...], max_elems: int, block: int = 1):
+    """Slices of tensors with the same rows along dim 0, each about max_elems elements of the first, holding
+    whole blocks of `block` elements (torchao's states slice only on their 256-element block boundaries)."""
     first = tensors[0]
     if first.ndim == 0 or first.numel() <= max_elems:
         yield tensors
         return
     row = first.numel() // first.shape[0]
-    align = 256 // math.gcd(row, 256)  # rows per chunk: a multiple of this keeps chunks block-aligned
+    align = block // math.gcd(row, block)  # rows per chunk: a multiple of this keeps chunks block-aligned
     rows = max(align, (max_elems // row) // align * align)
     for start in range(0, first.shape[0], rows):
         yield tuple(t[start:start + rows] for t in tensors)
@@ -79,13 +79,10 @@ def _apply_back_projection(w: Tensor, u: Tensor, d_r: Tensor, right: bool, alpha
         else:
             w.addmm_(d_r, u, alpha=alpha)  # (out, r) @ (r, in)
         return
-    out_f, in_f = w.shape
-    rows = max(1, _UPDATE_CHUNK_ELEMS // in_f)
-    for start in range(0, out_f, rows):
-        sl = slice(start, start + rows)
-        delta = u[sl] @ d_r.t() if right else d_r[sl] @ u
-        new = w[sl].float().mul_(decay).add_(delta, alpha=alpha)  # decay in fp32: rounded alone, it is lost
-        w[sl] = quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype)
+    for w_rows, factor in _row_chunks((w, u if right else d_r), _UPDATE_CHUNK_ELEMS):
+        delta = factor @ d_r.t() if right else factor @ u
+        new = w_rows.float().mul_(decay).add_(delta, alpha=alpha)  # decay in fp32: rounded alone, it is lost
+        w_rows.copy_(quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype))
 
 
 def clip_tensor_norm_(grad: Tensor, max_norm: float) -> None:
@@ -133,8 +130,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults)
         if compile_step:
             _allow_recompiles(len(param_groups) + len({(tuple(p.shape), p.dtype) for p in layers}))
-        if self._compile_quantized and any(quant.storage_kind((quant.MIN_QUANT_NUMEL,), g["state_dtype"]) != "fp32"
-                                           for g in self.param_groups):
+        if self._compile_quantized and any(g["state_dtype"] in quant.QUANTIZED for g in self.param_groups):
             shapes = {tuple(layers[p].lowrank_grad.shape) if g["lowrank"] else (tuple(p.shape), p.dtype)
                       for g in self.param_groups for p in g["params"]}
             _allow_recompiles(3 * len(shapes))  # each shape, and up to two row-chunk shapes of a large one
@@ -303,7 +299,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        u = self._moments_fn(state["exp_avg"])(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2,
+        u = self._state_fn(moments_direction, state["exp_avg"])(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2,
                                               group["eps"])
         lr = group["lr"]
         _apply_back_projection(p, u, layer.columns(torch.float32 if p.dtype != torch.float64 else torch.float64),
@@ -317,8 +313,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             for s in moments:
                 quant.zero_(s)
         elif policy == "match":
-            remap = compiled(remap_states) if self._compile_quantized and quant.is_quantized(moments[0]) else remap_states
-            remap(moments, state["indices"], layer.selection(), dim=1 if layer.lowrank_spec.right else 0)
+            self._state_fn(remap_states, moments[0])(moments, state["indices"], layer.selection(), dim=1 if layer.lowrank_spec.right else 0)
         elif policy != "keep":
             raise ValueError(f"unknown state_policy {policy!r}; use one of {STATE_POLICIES}")
         key = "basis" if layer.lowrank_spec.basis == "svd" else "indices"
@@ -336,8 +331,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         generator = None if p.dtype in (torch.float32, torch.float64) else self._rounding_generator(p, group, state)
         tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-        for w, g, m, v in _row_chunks(tensors, _UPDATE_CHUNK_ELEMS):
-            u = self._moments_fn(m)(g, m, v, state["step"], beta1, beta2, group["eps"])
+        for w, g, m, v in _row_chunks(tensors, _UPDATE_CHUNK_ELEMS, block=max(quant.BLOCK_SIZE.values())):
+            u = self._state_fn(moments_direction, m)(g, m, v, state["step"], beta1, beta2, group["eps"])
             if w.dtype in (torch.float32, torch.float64):
                 if wd != 0:
                     w.mul_(1 - lr * wd)
@@ -346,11 +341,11 @@ class LowRankAdamW(torch.optim.Optimizer):
                 new = w.float().mul_(1 - lr * wd).sub_(u, alpha=lr)
                 w.copy_(quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype))
 
-    def _moments_fn(self, m: Tensor) -> Callable:
-        """moments_direction, compiled for torchao-quantised states (unless compile_step=False)."""
-        if self._compile_quantized and quant.is_quantized(m):
-            return compiled(moments_direction)
-        return moments_direction
+    def _state_fn(self, fn: Callable, state: Tensor) -> Callable:
+        """fn, compiled when it works on torchao-quantised states (unless compile_step=False)."""
+        if self._compile_quantized and quant.is_quantized(state):
+            return compiled(fn)
+        return fn
 
     def _rounding_generator(self, p: Tensor, group: dict, state: dict) -> torch.Generator | None:
         """The generator for stochastically rounding bf16 weight p at this step, or None (round to nearest).

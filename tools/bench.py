@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import os
 import statistics
@@ -82,42 +81,7 @@ COMPILED = {k for k, v in CONFIGS.items() if v.get("compiled")}
 
 
 # -- measuring inside one process ------------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux: clear_refs 5) and return the RSS in bytes."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    rss = _status_kib("VmRSS")
-    if rss is None:  # not Linux: fall back to the lifetime peak, which the model's build may have set
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-    return rss * 1024
-
-
-def peak_rss() -> int:
-    hwm = _status_kib("VmHWM")
-    if hwm is None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-    return hwm * 1024
+from lowrank_compile.demo import peak_rss, reset_peak_rss  # noqa: E402  (the demo's VmHWM / clear_refs pair)
 
 
 def build(spec: dict):
