@@ -108,7 +108,7 @@ def make_optimizer(model, spec: dict):
         import lowrank_compile as lrc
 
         kwargs = {k: spec[k] for k in ("update_gap", "state_policy", "state_dtype", "basis", "fused", "sketch_rows",
-                                       "norm") if spec.get(k) is not None}
+                                       "norm", "scale") if spec.get(k) is not None}
         return lrc.wrap_model(model, rank=spec["rank"], lr=lr, **kwargs)
     raise ValueError(f"unknown optimizer {kind!r}; choose adamw, adamw8bit, galore or lowrank")
 

@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .projection import CARRIER, INDEX, SVD_BASIS, LowRankLinear, RefreshControl
-from .selection import SCORE_BLOCK, _block_for, _sketch_norm, left_scores, right_scores
+from .selection import SCORE_BLOCK, _block_for, _sketch_norm, left_scores, p_norms, right_scores
 
 __all__ = ["REFRESH_SYNC_MODES", "DEFAULT_REFRESH_SYNC", "RefreshReducer", "sync_refreshes", "prepare_ddp",
            "CommCounter", "counting_allreduce_hook", "shard_placement", "prepare_fsdp", "is_multiprocess"]
@@ -156,7 +156,7 @@ class RefreshReducer:
     def _finish(work, s: Tensor, p: int, dim: int) -> Tensor:
         if work is not None:
             work.wait()
-        return torch.linalg.vector_norm(s, ord=p, dim=dim)
+        return p_norms(s, p, dim)
 
     def right_scores(self, gy: Tensor, xd: Tensor, p: int, omega: Tensor | None) -> Tensor:
         """Agreed scores of the n basis columns, right projection. gy: (T, out); xd: (T, n) = x D; omega: (k, out)."""

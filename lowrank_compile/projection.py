@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .basis import basis_matrix, transform_rows
-from .selection import (left_scores, norm_order, right_scores, select_top_r, sketch_matrix, sketched_left_scores,
+from .selection import (norm_order, select_left, select_right, select_top_r, sketch_matrix, sketched_left_scores,
                         sketched_right_scores)
 
 __all__ = ["LayerSpec", "RefreshControl", "LowRankLinear", "table_dtype"]
@@ -149,18 +149,26 @@ def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec
             r = proj.shape[0]
             if spec_right:
                 xd = transform_rows(kind, x2, table)  # (T, n): x in basis coordinates
+                if reducer is None and omega is None:  # exact, this process alone: select and project in one pass
+                    idx, g_low = select_right(g2, xd, p, r)
+                    proj.copy_(idx)
+                    return g_low
                 if reducer is not None:
                     scores = reducer.right_scores(g2, xd, p, omega)
                 else:
-                    scores = right_scores(g2, xd, p) if omega is None else sketched_right_scores(g2, xd, omega, p)
+                    scores = sketched_right_scores(g2, xd, omega, p)
                 idx = select_top_r(scores, r)
                 proj.copy_(idx)
                 return g2.t() @ xd.index_select(1, idx)  # (out, T) @ (T, r)
             gd = transform_rows(kind, g2, table)  # (T, n): gy in basis coordinates
+            if reducer is None and omega is None:
+                idx, g_low = select_left(gd, x2, p, r)
+                proj.copy_(idx)
+                return g_low
             if reducer is not None:
                 scores = reducer.left_scores(gd, x2, p, omega)
             else:
-                scores = left_scores(gd, x2, p) if omega is None else sketched_left_scores(gd, x2, omega, p)
+                scores = sketched_left_scores(gd, x2, omega, p)
             idx = select_top_r(scores, r)
             proj.copy_(idx)
             return gd.index_select(1, idx).t() @ x2  # (r, T) @ (T, in)

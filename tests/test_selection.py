@@ -40,6 +40,23 @@ def test_left_scores_equal_row_norms_of_DtG(p, block):
     torch.testing.assert_close(got, column_scores(gy.t() @ x, d, right=False, p=p), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("r,block", [(1, 1), (3, 1), (3, 5), (5, 2), (8, 256), (9, 3), (17, 4)])
+def test_streaming_selection_equals_scores_then_top_r(p, r, block):
+    """select_right / select_left pick exactly select_top_r of all scores, best first, and return the rank-r
+    gradient of those columns, equal to projecting the full gradient formed directly (float64)."""
+    x, gy = data(3)
+    d_in, d_out = dct_basis(IN), dct_basis(OUT)
+    g = gy.t() @ x  # (OUT, IN): the full gradient, formed only here
+    idx, g_low = S.select_right(gy, x @ d_in, p, r, block=block)
+    assert torch.equal(idx, top_r(column_scores(g, d_in, right=True, p=p), r))
+    torch.testing.assert_close(g_low, g @ d_in[:, idx], rtol=1e-12, atol=1e-12)
+    r = min(r, OUT)
+    idx, g_low = S.select_left(gy @ d_out, x, p, r, block=block)
+    assert torch.equal(idx, top_r(column_scores(g, d_out, right=False, p=p), r))
+    torch.testing.assert_close(g_low, d_out[:, idx].t() @ g, rtol=1e-12, atol=1e-12)
+
+
 def test_scores_of_float32_inputs_are_float32():
     """Low-precision inputs give float32 scores close to the float64 ones."""
     x, gy = data(2)
