@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .basis import basis_matrix, transform_rows
+from .basis import basis_matrix, gather_columns, transform_rows
 from .selection import (norm_order, select_left, select_right, select_top_r, sketch_matrix, sketched_left_scores,
                         sketched_right_scores)
 
@@ -172,7 +172,7 @@ def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec
             idx = select_top_r(scores, r)
             proj.copy_(idx)
             return gd.index_select(1, idx).t() @ x2  # (r, T) @ (T, in)
-        d_r = table.index_select(1, proj).to(cdt)  # (n, r)
+        d_r = gather_columns(table, proj).to(cdt)  # (n, r)
     if spec_right:
         return g2.t() @ (x2 @ d_r)  # (out, T) @ (T, r) -> (out, r)
     return (g2 @ d_r).t() @ x2  # (r, T) @ (T, in) -> (r, in)
@@ -336,7 +336,7 @@ class LowRankLinear(nn.Linear):
         if spec.basis == "svd":
             return getattr(self, SVD_BASIS).to(dtype)
         table = basis_matrix(spec.basis, self.basis_size, table_dtype(dtype), self.weight.device)
-        return table.index_select(1, getattr(self, INDEX)).to(dtype)
+        return gather_columns(table, getattr(self, INDEX)).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         carrier = getattr(self, CARRIER)

@@ -75,39 +75,40 @@ def select_right(gy: Tensor, xd: Tensor, p: int, r: int, block: int = SCORE_BLOC
     """Exact right selection and its rank-r gradient in one blockwise pass: (idx (r,), gy^T xd[:, idx] (out, r)).
 
     The same columns as select_top_r(right_scores(gy, xd, p), r), without computing the selected ones twice:
-    each block of G D is scored and merged into the best r columns kept so far, so at most the kept (out, r)
-    and one (out, block) slice exist at a time.
+    each block of G D is scored and merged into the best r columns kept so far, so at most the kept r and
+    one block of columns exist at a time. Blocks are formed transposed, (b, out), so merges gather rows.
     """
-    return _select_streaming(lambda cols: gy.t() @ xd[:, cols], xd.shape[1], p, r, block, dim=1)
+    idx, kept = _select_streaming(lambda cols: xd[:, cols].t() @ gy, xd.shape[1], p, r, block)
+    return idx, kept.t().contiguous()
 
 
 def select_left(gd: Tensor, x: Tensor, p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
     """Exact left selection and its rank-r gradient in one blockwise pass: (idx (r,), gd[:, idx]^T x (r, in))."""
-    return _select_streaming(lambda rows: gd[:, rows].t() @ x, gd.shape[1], p, r, block, dim=0)
+    return _select_streaming(lambda rows: gd[:, rows].t() @ x, gd.shape[1], p, r, block)
 
 
-def _select_streaming(block_of, n: int, p: int, r: int, block: int, dim: int) -> tuple[Tensor, Tensor]:
-    """Blockwise top-r of the slices block_of(slice) along `dim` (basis index) by their p-norm over the other dim.
+def _select_streaming(block_of, n: int, p: int, r: int, block: int) -> tuple[Tensor, Tensor]:
+    """Blockwise top-r of the rows of block_of(slice) (one row per basis index) by their p-norms.
 
     For distinct scores the result equals select_top_r on all n scores: the top r of a union is the top r of
-    the top r of its parts. Ties at the r-th score may keep a different one of the tied slices.
+    the top r of its parts. Ties at the r-th score may keep a different one of the tied rows.
     """
-    block = _block_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r columns per block was fastest
+    block = _block_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r rows per block was fastest
     kept = kept_scores = kept_idx = None
     for start in range(0, n, block):
-        part = block_of(slice(start, start + block))  # (out, b) or (b, in)
-        scores = p_norms(part, p, dim=1 - dim)
+        part = block_of(slice(start, start + block))  # (b, other side)
+        scores = p_norms(part, p, dim=1)
         idx = torch.arange(start, start + scores.shape[0], device=scores.device)
         if kept is not None:
-            part = torch.cat([kept, part], dim=dim)
+            part = torch.cat([kept, part])
             scores = torch.cat([kept_scores, scores])
             idx = torch.cat([kept_idx, idx])
         if scores.shape[0] > r:
             best = torch.topk(scores, r, largest=True, sorted=False).indices
-            part, scores, idx = part.index_select(dim, best), scores[best], idx[best]
+            part, scores, idx = part.index_select(0, best), scores[best], idx[best]
         kept, kept_scores, kept_idx = part, scores, idx
     order = torch.sort(kept_scores, descending=True, stable=True).indices
-    return kept_idx[order], kept.index_select(dim, order)
+    return kept_idx[order], kept.index_select(0, order)
 
 
 def select_top_r(scores: Tensor, r: int) -> Tensor:

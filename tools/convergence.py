@@ -48,6 +48,10 @@ LM_CONFIGS = {
     "dct gap 1 reset": dict(optimizer="lowrank", update_gap=1, state_policy="reset", lrs=NARROW),
     "dct gap 1 match, sketch 64": dict(optimizer="lowrank", update_gap=1, state_policy="match", sketch_rows=64,
                                        lrs=(2e-3, 4e-3, 8e-3)),
+    "dct gap 1 match, scale 0.25": dict(optimizer="lowrank", update_gap=1, state_policy="match", scale=0.25,
+                                        lrs=(8e-3, 1.6e-2, 3.2e-2)),
+    "dct gap 1 match, sketch 64, scale 0.25": dict(optimizer="lowrank", update_gap=1, state_policy="match",
+                                                   sketch_rows=64, scale=0.25, lrs=(8e-3, 1.6e-2, 3.2e-2)),
     "dct gap 1 match, int8 states": dict(optimizer="lowrank", update_gap=1, state_policy="match", state_dtype="int8",
                                          lrs=NARROW),
     "dct gap 10 match": dict(optimizer="lowrank", update_gap=10, state_policy="match"),
@@ -68,6 +72,10 @@ MINILM_CONFIGS = {
     "full AdamW": dict(optimizer="adamw"),
     "lowrank_compile dct gap 1 match": dict(optimizer="lowrank", update_gap=1, state_policy="match"),
     "lowrank_compile dct gap 10 match": dict(optimizer="lowrank", update_gap=10, state_policy="match"),
+    # scale > 1: the projected layers take the larger step they need, the rest (embeddings, norms, biases, the
+    # new head) keep AdamW's learning rate
+    "lowrank_compile dct gap 1 match, scale 2": dict(optimizer="lowrank", update_gap=1, state_policy="match",
+                                                     scale=2.0, lrs=(2e-4, 4e-4, 8e-4)),
 }
 MINILM_LRS = {"adamw": (5e-5, 1e-4, 2e-4, 4e-4, 8e-4), "lowrank": (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)}
 
@@ -195,6 +203,37 @@ def lr_note(name: str, results: list[dict], best: dict) -> str:
     return f"{lr:g}{edge}"
 
 
+def with_key(spec: dict) -> dict:
+    spec = {k: v for k, v in spec.items() if k != "key"}
+    spec["key"] = json.dumps(spec, sort_keys=True)
+    return spec
+
+
+def confirm_seeds(task: str, best: dict[str, dict], out: Path, jobs: int, seeds: int, only=None
+                  ) -> dict[str, list[dict]]:
+    """Re-run each configuration at its best learning rate with seeds 1 .. seeds-1 (init and batch order).
+
+    One seed picks the learning rate; the reported number is the mean over all seeds at that rate, so a lucky
+    draw cannot decide a comparison. only: names containing one of these get the extra seeds (default all).
+    Returns name -> the runs of every seed (seed 0 first).
+    """
+    extra = [with_key(dict(r["spec"], seed=s, data_seed=s)) for name, r in best.items() if "error" not in r
+             and (not only or any(o in name for o in only)) for s in range(1, seeds)]
+    done = {r["spec"]["key"]: r for r in sweep(task, extra, out, jobs)} if extra else {}
+    by_name = {name: [r] for name, r in best.items()}
+    for spec in extra:
+        by_name[spec["name"]].append(done[spec["key"]])
+    return by_name
+
+
+def seed_summary(runs: list[dict], value, fmt: str = ".3f") -> tuple[float, str]:
+    """(mean, "min-max (n seeds)") of value(run) over the finished runs of one configuration."""
+    vals = [value(r) for r in runs if "error" not in r]
+    if len(vals) < 2:
+        return vals[0], "1 seed"
+    return statistics.fmean(vals), f"{min(vals):{fmt}}-{max(vals):{fmt}} ({len(vals)} seeds)"
+
+
 def lm_main(args) -> None:
     out = Path(args.out)
     model = dict(hidden=args.hidden, layers=args.layers, heads=args.heads)
@@ -211,28 +250,32 @@ def lm_main(args) -> None:
     for name, cfg in configs.items():
         cfg = dict(cfg)
         for lr in cfg.pop("lrs", LRS[cfg["optimizer"]]):
-            spec = dict(common, **cfg, name=name, lr=lr)
-            spec["key"] = json.dumps({k: v for k, v in spec.items() if k != "key"}, sort_keys=True)
-            specs.append(spec)
+            specs.append(with_key(dict(common, **cfg, name=name, lr=lr)))
     results = sweep("lm", specs, out, args.jobs)
     best = best_per_config(results)
-    ref = best["torch AdamW"]["final_eval"]
-    galore = best.get("GaLore (galore-torch, svd, gap 200)")
+    seeds = confirm_seeds("lm", best, out, args.jobs, args.seeds, args.seeds_for)
+    mean = {name: seed_summary(runs, lambda r: r["final_eval"]) for name, runs in seeds.items()}
+    ref = mean["torch AdamW"][0]
+    galore = mean.get("GaLore (galore-torch, svd, gap 200)")
     title = (f"LLaMA hidden {args.hidden}, {args.layers} layers, byte vocab, batch {args.batch}x{args.seq}, "
              f"{args.steps} steps, rank {rank}")
-    lines = [f"{title}; torch {torch.__version__}; each at its best learning rate of the sweep\n",
-             "| configuration | best lr | held-out loss | x AdamW | - GaLore | step (ms, 1 thread, shared machine) |",
-             "|---|---|---|---|---|---|"]
+    held = "held-out loss" + (" (mean over seeds) | seed range" if args.seeds > 1 else "")
+    lines = [f"{title}; torch {torch.__version__}; each at its best learning rate of the sweep (seed 0)\n",
+             f"| configuration | best lr | {held} | x AdamW | - GaLore | step (ms, 1 thread, shared machine) |",
+             "|---|---|---|" + ("---|" if args.seeds > 1 else "") + "---|---|---|"]
     for name in configs:
         r = best[name]
         if "error" in r:
             lines.append(f"| {name} | - | failed: {r['error']} | | | |")
             continue
-        vs_g = f"{r['final_eval'] - galore['final_eval']:+.3f}" if galore else "n/a"
-        lines.append(f"| {name} | {lr_note(name, results, r)} | {r['final_eval']:.3f} | {r['final_eval'] / ref:.3f} | "
+        value, spread = mean[name]
+        vs_g = f"{value - galore[0]:+.3f}" if galore else "n/a"
+        cells = f"{value:.3f} | {spread}" if args.seeds > 1 else f"{value:.3f}"
+        lines.append(f"| {name} | {lr_note(name, results, r)} | {cells} | {value / ref:.3f} | "
                      f"{vs_g} | {r['step_s'] * 1e3:.0f} |")
     report(out, "lm", lines, dict(title=title, best={k: strip(v) for k, v in best.items()},
-                                  all=[strip(r) for r in results]))
+                                  all=[strip(r) for r in results],
+                                  seeds={k: [strip(r) for r in v] for k, v in seeds.items()}))
     plot_lm(out / "convergence_lm.png", [best[n] for n in configs if "error" not in best[n]], title)
 
 
@@ -244,29 +287,35 @@ def minilm_main(args) -> None:
     for name, cfg in MINILM_CONFIGS.items():
         if args.only and not any(o in name for o in args.only):
             continue
-        for lr in MINILM_LRS[cfg["optimizer"]]:
-            spec = dict(common, **cfg, name=name, lr=lr)
-            spec["key"] = json.dumps({k: v for k, v in spec.items() if k != "key"}, sort_keys=True)
-            specs.append(spec)
+        cfg = dict(cfg)
+        for lr in cfg.pop("lrs", MINILM_LRS[cfg["optimizer"]]):
+            specs.append(with_key(dict(common, **cfg, name=name, lr=lr)))
     results = sweep("minilm", specs, out, args.jobs)
     best = best_per_config(results)
+    seeds = confirm_seeds("minilm", best, out, args.jobs, args.seeds, args.seeds_for)
+    mean = {name: seed_summary(runs, lambda r: r["accuracy"], ".1f") for name, runs in seeds.items()}
     ref = best.get("full AdamW")
     title = (f"all-MiniLM-L6-v2 + linear head, 5-way document classification, {args.steps} steps of "
              f"{args.batch} x {args.max_length} tokens, rank {common['rank']}")
-    lines = [f"{title}; torch {torch.__version__}\n",
-             "| configuration | best lr | test accuracy (%) | - AdamW (points) | peak RSS above model (MiB) | "
-             "x AdamW | step (ms, 1 thread, shared machine) |", "|---|---|---|---|---|---|---|"]
+    acc = "test accuracy (%)" + (" (mean over seeds) | seed range" if args.seeds > 1 else "")
+    lines = [f"{title}; torch {torch.__version__}; each at its best learning rate of the sweep (seed 0)\n",
+             f"| configuration | best lr | {acc} | - AdamW (points) | peak RSS above model (MiB) | "
+             "x AdamW | step (ms, 1 thread, shared machine) |",
+             "|---|---|---|" + ("---|" if args.seeds > 1 else "") + "---|---|---|---|"]
     for name, r in best.items():
         if "error" in r:
             lines.append(f"| {name} | - | failed: {r['error']} | | | | |")
             continue
-        lines.append(f"| {name} | {lr_note(name, results, r)} | {r['accuracy']:.1f} | "
-                     f"{r['accuracy'] - ref['accuracy']:+.1f} | {r['peak_above_mib']:.0f} | "
+        value, spread = mean[name]
+        cells = f"{value:.1f} | {spread}" if args.seeds > 1 else f"{value:.1f}"
+        lines.append(f"| {name} | {lr_note(name, results, r)} | {cells} | "
+                     f"{value - mean['full AdamW'][0]:+.1f} | {r['peak_above_mib']:.0f} | "
                      f"{r['peak_above_mib'] / ref['peak_above_mib']:.2f} | {r['step_s'] * 1e3:.0f} |")
-    lines.append("\nAll runs (accuracy by learning rate): " + "; ".join(
+    lines.append("\nAll runs (accuracy by learning rate, seed 0): " + "; ".join(
         f"{r['name']} lr {r['spec']['lr']:g}: {r.get('accuracy', float('nan')):.1f}" for r in results))
     report(out, "minilm", lines, dict(title=title, best={k: strip(v) for k, v in best.items()},
-                                      all=[strip(r) for r in results]))
+                                      all=[strip(r) for r in results],
+                                      seeds={k: [strip(r) for r in v] for k, v in seeds.items()}))
 
 
 def strip(r: dict) -> dict:
@@ -335,6 +384,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=0, help="default hidden / 4 (lm), 96 = 384 / 4 (minilm)")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--only", nargs="*", help="only configurations whose name contains one of these")
+    ap.add_argument("--seeds", type=int, default=1, help="re-run each configuration's best lr with this many seeds "
+                    "(init and batch order) and report the mean")
+    ap.add_argument("--seeds-for", nargs="*", help="only configurations whose name contains one of these get seeds")
     args = ap.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.task == "lm":
