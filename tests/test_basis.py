@@ -105,3 +105,14 @@ def test_basis_matrix_is_shared_per_key():
     with pytest.raises(ValueError):
         B.basis_matrix("svd", 24, torch.float64, cpu)
 
+
+
+@pytest.mark.parametrize("kind", ["dct", "random"])
+def test_gather_columns_equals_indexing_the_basis(kind):
+    """gather_columns(table, idx) is exactly table[:, idx] (any order, repeats allowed), and is column-major."""
+    table = B.basis_matrix(kind, 40, torch.float64, torch.device("cpu"))
+    assert table.stride() == (1, 40)  # stored column-major: a gathered column is contiguous memory
+    idx = torch.tensor([7, 0, 39, 7, 12])
+    got = B.gather_columns(table, idx)
+    assert got.shape == (40, 5) and got.stride() == (1, 40)
+    assert torch.equal(got, table[:, idx])

@@ -152,6 +152,85 @@ def preload(kind: str) -> None:
     import _measure  # noqa: F401
 
 
+def make_train_step(model, opt, spec: dict, ids):
+    """One training step of `spec`'s configuration (forward, backward, optimizer step) as a function."""
+    floor = spec["kind"] == "floor"
+    cuda = spec["device"] == "cuda"
+
+    def train_step():
+        if floor:  # activations' backward only: the embedding output is the one leaf that wants a gradient
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+            loss = model(inputs_embeds=emb, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    return train_step
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved_worker(specs: list[dict]) -> list[dict]:
+    """Time several configurations in one process, one step of each in turn, round after round.
+
+    On a shared machine the load of other jobs drifts over seconds to minutes; alternating single steps lets
+    that drift fall on every configuration alike, so the ratios are fairer than those of separate processes
+    run one after another. Refresh steps are timed the same way, after the ordinary ones.
+    """
+    if specs[0].get("threads"):
+        torch.set_num_threads(specs[0]["threads"])
+    for spec in specs:
+        preload(spec["kind"])
+    first = specs[0]
+    vocab = MODELS[first["model"]][4]
+    ids = torch.randint(0, vocab, (first["batch"], first["seq"]), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(first["device"])
+    runs = []
+    for spec in specs:
+        model = build(spec)
+        opt = make_optimizer(model, spec)
+        gap = spec.get("update_gap", 0) if spec["kind"] == "lowrank" else 0
+        runs.append(dict(spec=spec, opt=opt, gap=gap, step=make_train_step(model, opt, spec, ids)))
+    for run in runs:  # warm-up, and one untimed refresh with states present (first-time work)
+        for _ in range(run["spec"]["warmup"]):
+            run["step"]()
+        if run["gap"] > 1:
+            run["opt"]._control.set_step(run["gap"] - 1)
+            run["step"]()
+    ordinary = {id(run): [] for run in runs}
+    for _ in range(first["steps"]):
+        for run in runs:
+            ordinary[id(run)].append(timed(run["step"]))
+    refresh = {id(run): [] for run in runs}
+    for k in range(1, first["refresh_steps"] + 1):
+        for run in runs:
+            if run["gap"] > 1:
+                run["opt"]._control.set_step((k + 1) * run["gap"] - 1)  # the next step refreshes
+                refresh[id(run)].append(timed(run["step"]))
+    results = []
+    for run in runs:
+        spec, gap = run["spec"], run["gap"]
+        r = dict(name=spec["name"], spec=spec, mode="time", interleaved=True,
+                 ordinary_s=statistics.median(ordinary[id(run)]), steps_s=ordinary[id(run)])
+        if gap > 1:
+            r["refresh_s"] = statistics.median(refresh[id(run)])
+            r["amortized_s"] = ((gap - 1) * r["ordinary_s"] + r["refresh_s"]) / gap
+        else:
+            r["refresh_s"] = r["ordinary_s"] if gap == 1 else None
+            r["amortized_s"] = r["ordinary_s"]
+        results.append(r)
+    return results
+
+
 def worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -170,25 +249,8 @@ def worker(spec: dict) -> dict:
     else:
         base = reset_peak_rss()
     opt = make_optimizer(model, spec)
-    floor = spec["kind"] == "floor"
-
-    def train_step():
-        if floor:  # activations' backward only: the embedding output is the one leaf that wants a gradient
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_()
-            loss = model(inputs_embeds=emb, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-
-    def timed_step() -> float:
-        t = time.perf_counter()
-        train_step()
-        return time.perf_counter() - t
+    train_step = make_train_step(model, opt, spec, ids)
+    timed_step = functools.partial(timed, train_step)
 
     result = dict(name=spec["name"], spec=spec, weights_mib=weights / 2**20)
     gap = spec.get("update_gap", 0) if spec["kind"] == "lowrank" else 0
@@ -255,10 +317,21 @@ def profile_breakdown(step, device: str) -> dict[str, float]:
 
 # -- driver ----------------------------------------------------------------------------------------------------
 def run_spec(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
+    return _run_worker("--_worker", spec, spec)
+
+
+def run_interleaved(specs: list[dict]) -> list[dict]:
+    r = _run_worker("--_worker_many", specs, specs[0])
+    if isinstance(r, dict):  # the process failed: every configuration gets its error
+        return [dict(name=spec["name"], spec=spec, error=r["error"]) for spec in specs]
+    return r
+
+
+def _run_worker(flag: str, payload, spec: dict):
+    cmd = [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(payload)]
     env = dict(os.environ)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=spec.get("timeout", 3600))
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(("{", "["))]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return dict(name=spec["name"], spec=spec, error=" / ".join(tail))
@@ -341,7 +414,8 @@ def tables(model: str, by_mode: dict[str, dict[str, dict]], args) -> str:
     if tim:
         ref = tim.get(ref_name, {}).get("amortized_s")
         b, s = args.time_batch
-        out += [f"Step time at batch {b} x {s} (median; refresh steps timed separately):\n",
+        how = "; all configurations in one process, one step of each in turn" if args.interleave else ""
+        out += [f"Step time at batch {b} x {s} (median; refresh steps timed separately{how}):\n",
                 "| configuration | ordinary step (s) | refresh step (s) | per step over a refresh cycle (s) | "
                 "x AdamW |", "|---|---|---|---|---|"]
         for name, r in tim.items():
@@ -437,10 +511,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "bench"))
     ap.add_argument("--render", nargs="*", help="run nothing: merge these JSON outputs of earlier runs (one "
                     "model; later files win) and write the tables and chart")
+    ap.add_argument("--interleave", action="store_true", help="time: all configurations in one process, one "
+                    "step of each in turn (--steps rounds), so a shared machine's drifting load hits all alike")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_worker_many", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         print(json.dumps(worker(json.loads(args._worker))), flush=True)
+        return
+    if args._worker_many:
+        print(json.dumps(interleaved_worker(json.loads(args._worker_many))), flush=True)
         return
     if args.render:
         render(args)
@@ -467,14 +547,15 @@ def main(argv=None) -> None:
             b, s = args.batch if mode != "time" else args.time_batch
             rounds = args.rounds if mode != "memory" else 1
             for rnd in range(rounds):  # time: configurations interleaved, round after round
-                for name in names:
-                    spec = dict(CONFIGS[name], name=name, model=model, mode=mode, device=args.device,
-                                dtype=args.dtype, batch=b, seq=s, rank=args.rank, checkpointing=args.checkpointing,
-                                threads=args.threads, steps=args.steps, mem_steps=args.mem_steps,
-                                warmup=args.warmup, refresh_steps=args.refresh_steps,
-                                profile=not args.no_profile and rnd == 0)
-                    t = time.perf_counter()
-                    r = run_spec(spec)
+                specs = [dict(CONFIGS[name], name=name, model=model, mode=mode, device=args.device,
+                              dtype=args.dtype, batch=b, seq=s, rank=args.rank, checkpointing=args.checkpointing,
+                              threads=args.threads, steps=args.steps, mem_steps=args.mem_steps,
+                              warmup=args.warmup, refresh_steps=args.refresh_steps,
+                              profile=not args.no_profile and rnd == 0) for name in names]
+                t = time.perf_counter()
+                many = run_interleaved(specs) if args.interleave and mode == "time" else None
+                for i, (name, spec) in enumerate(zip(names, specs)):
+                    r = many[i] if many is not None else run_spec(spec)
                     with open(out / f"bench_{args.device}_{model}.partial.jsonl", "a") as f:  # survives a kill
                         f.write(json.dumps(r) + "\n")
                     for m in (["memory", "time"] if mode == "both" else [mode]):
