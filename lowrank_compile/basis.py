@@ -53,18 +53,25 @@ def random_orthonormal_matrix(
 
 
 def dct_rows_fft(x: Tensor) -> Tensor:
-    """Orthonormal DCT-II of every row of x by one length-n FFT (Makhoul, 1980); equals x @ dct_matrix(n)."""
+    """Orthonormal DCT-II of every row of x by one real FFT of length n (Makhoul, 1980); equals x @ dct_matrix(n).
+
+    With v the even samples followed by the odd ones reversed, V = rfft(v) and Z_k = V_k exp(-i pi k / 2n),
+    X_k = Re Z_k for k <= n/2 and X_{n-k} = -Im Z_k: the half spectrum gives every coefficient.
+    """
     n = x.shape[-1]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(compute)
-    v = torch.cat([xc[..., 0::2], xc[..., 1::2].flip(-1)], dim=-1)  # even samples, then odd ones reversed
-    spec = torch.fft.fft(v, dim=-1)
-    k = torch.arange(n, dtype=compute, device=x.device)
-    twiddle = torch.polar(torch.ones_like(k), k * (-math.pi / (2 * n)))
-    out = (spec * twiddle).real * math.sqrt(2.0 / n)
-    scale = torch.ones(n, dtype=compute, device=x.device)
-    scale[0] = math.sqrt(0.5)
-    return (out * scale).to(x.dtype)
+    v = torch.cat([xc[..., 0::2], xc[..., 1::2].flip(-1)], dim=-1)
+    half = n // 2 + 1
+    k = torch.arange(half, dtype=compute, device=x.device)
+    z = torch.fft.rfft(v, dim=-1) * torch.polar(torch.ones_like(k), k * (-math.pi / (2 * n)))
+    out = torch.empty(x.shape, dtype=compute, device=x.device)
+    out[..., :half] = z.real
+    m = (n - 1) // 2  # X_{n-k} for k = 1 .. m
+    out[..., n - m:] = z.imag[..., 1:m + 1].flip(-1).neg()
+    out.mul_(math.sqrt(2.0 / n))
+    out[..., 0] *= math.sqrt(0.5)
+    return out.to(x.dtype)
 
 
 def dct_rows(x: Tensor) -> Tensor:
