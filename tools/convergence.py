@@ -276,7 +276,9 @@ def lm_main(args) -> None:
     report(out, "lm", lines, dict(title=title, best={k: strip(v) for k, v in best.items()},
                                   all=[strip(r) for r in results],
                                   seeds={k: [strip(r) for r in v] for k, v in seeds.items()}))
-    plot_lm(out / "convergence_lm.png", [best[n] for n in configs if "error" not in best[n]], title)
+    finished = [n for n in configs if "error" not in best[n]]
+    plot_lm(out / "convergence_lm.png", [best[n] for n in finished], title,
+            [[r["final_eval"] for r in seeds[n] if "error" not in r] for n in finished])
 
 
 def minilm_main(args) -> None:
@@ -329,7 +331,9 @@ def report(out: Path, task: str, lines: list[str], payload: dict) -> None:
     (out / f"convergence_{task}.json").write_text(json.dumps(payload, indent=1))
 
 
-def plot_lm(path: Path, runs: list[dict], title: str) -> None:
+def plot_lm(path: Path, runs: list[dict], title: str, finals: list[list[float]]) -> None:
+    """Curves of each configuration's seed-0 run at its best lr; bars: the mean final loss over its seeds, with
+    the range of seeds as a whisker."""
     try:
         import matplotlib
 
@@ -344,18 +348,20 @@ def plot_lm(path: Path, runs: list[dict], title: str) -> None:
         style = "-" if r["spec"]["optimizer"] != "lowrank" else "--"
         ax.plot(steps[1:], held[1:], style, color=f"C{i % 10}", lw=1.2,
                 label=f"{r['name']} (lr {r['spec']['lr']:g})")
-    finals = sorted(r["final_eval"] for r in runs)
-    ax.set_ylim(finals[0] * 0.97, finals[len(finals) // 2] * 1.35)  # diverged runs leave the frame
+    ends = sorted(r["final_eval"] for r in runs)
+    ax.set_ylim(ends[0] * 0.97, ends[len(ends) // 2] * 1.35)  # diverged runs leave the frame
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (nats / byte)")
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=6, ncol=2)
-    names = [r["name"] for r in runs]
-    vals = [r["final_eval"] for r in runs]
-    bx.barh(range(len(names)), vals, color=[f"C{i % 10}" for i in range(len(names))])
+    names = [r["name"] + (f" ({len(f)} seeds)" if len(f) > 1 else "") for r, f in zip(runs, finals)]
+    vals = [statistics.fmean(f) for f in finals]
+    whiskers = [[v - min(f) for v, f in zip(vals, finals)], [max(f) - v for v, f in zip(vals, finals)]]
+    bx.barh(range(len(names)), vals, color=[f"C{i % 10}" for i in range(len(names))], xerr=whiskers,
+            error_kw=dict(lw=0.8, capsize=2))
     bx.set_yticks(range(len(names)), names, fontsize=7)
     bx.invert_yaxis()
-    ref = next((r["final_eval"] for r in runs if r["name"] == "torch AdamW"), None)
+    ref = next((v for r, v in zip(runs, vals) if r["name"] == "torch AdamW"), None)
     hi = min(max(vals) * 1.01, (ref or max(vals)) * 1.2)
     bx.set_xlim(min(vals) * 0.95, hi)
     for i, v in enumerate(vals):
@@ -363,7 +369,7 @@ def plot_lm(path: Path, runs: list[dict], title: str) -> None:
     if ref:
         bx.axvline(ref, color="k", lw=0.8)
         bx.axvline(ref * 1.03, color="k", lw=0.8, ls=":")
-    bx.set_xlabel("final held-out loss (line: AdamW; dotted: 1.03x)")
+    bx.set_xlabel("final held-out loss, seed mean (line: AdamW; dotted: 1.03x)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
