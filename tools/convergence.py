@@ -76,6 +76,9 @@ MINILM_CONFIGS = {
     # new head) keep AdamW's learning rate
     "lowrank_compile dct gap 1 match, scale 2": dict(optimizer="lowrank", update_gap=1, state_policy="match",
                                                      scale=2.0, lrs=(2e-4, 4e-4, 8e-4)),
+    "lowrank_compile dct gap 1 match, rank 128 (the default)": dict(optimizer="lowrank", update_gap=1,
+                                                                    state_policy="match", rank=128,
+                                                                    lrs=(4e-4, 8e-4, 1.2e-3)),
 }
 MINILM_LRS = {"adamw": (5e-5, 1e-4, 2e-4, 4e-4, 8e-4), "lowrank": (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)}
 
