@@ -206,6 +206,13 @@ def lr_note(name: str, results: list[dict], best: dict) -> str:
     return f"{lr:g}{edge}"
 
 
+def selected(name: str, args) -> bool:
+    """--only: names containing one of its entries (equal to one, with --exact)."""
+    if not args.only:
+        return True
+    return any(o == name if args.exact else o in name for o in args.only)
+
+
 def with_key(spec: dict) -> dict:
     spec = {k: v for k, v in spec.items() if k != "key"}
     spec["key"] = json.dumps(spec, sort_keys=True)
@@ -244,7 +251,7 @@ def lm_main(args) -> None:
     common = dict(model=model, steps=args.steps, batch=args.batch, seq=args.seq,
                   eval_every=max(1, args.steps // 10), eval_batches=args.eval_batches, seed=0, data_seed=0,
                   rank=rank, threads=1)
-    configs = {k: v for k, v in LM_CONFIGS.items() if not args.only or any(o in k for o in args.only)}
+    configs = {k: v for k, v in LM_CONFIGS.items() if selected(k, args)}
     if not galore_available():
         print("galore-torch is not installed (pip install galore-torch bitsandbytes): skipping the GaLore peer",
               file=sys.stderr)
@@ -252,7 +259,8 @@ def lm_main(args) -> None:
     specs = []
     for name, cfg in configs.items():
         cfg = dict(cfg)
-        for lr in cfg.pop("lrs", LRS[cfg["optimizer"]]):
+        grid = cfg.pop("lrs", LRS[cfg["optimizer"]])
+        for lr in args.lrs or grid:
             specs.append(with_key(dict(common, **cfg, name=name, lr=lr)))
     results = sweep("lm", specs, out, args.jobs)
     best = best_per_config(results)
@@ -290,10 +298,11 @@ def minilm_main(args) -> None:
                   rank=args.rank or 96)
     specs = []
     for name, cfg in MINILM_CONFIGS.items():
-        if args.only and not any(o in name for o in args.only):
+        if not selected(name, args):
             continue
         cfg = dict(cfg)
-        for lr in cfg.pop("lrs", MINILM_LRS[cfg["optimizer"]]):
+        grid = cfg.pop("lrs", MINILM_LRS[cfg["optimizer"]])
+        for lr in args.lrs or grid:
             specs.append(with_key(dict(common, **cfg, name=name, lr=lr)))
     results = sweep("minilm", specs, out, args.jobs)
     best = best_per_config(results)
@@ -393,6 +402,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=0, help="default hidden / 4 (lm), 96 = 384 / 4 (minilm)")
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--only", nargs="*", help="only configurations whose name contains one of these")
+    ap.add_argument("--exact", action="store_true", help="--only names whole configuration names")
+    ap.add_argument("--lrs", nargs="*", type=float, help="one learning-rate grid for every configuration")
     ap.add_argument("--seeds", type=int, default=1, help="re-run each configuration's best lr with this many seeds "
                     "(init and batch order) and report the mean")
     ap.add_argument("--seeds-for", nargs="*", help="only configurations whose name contains one of these get seeds")
