@@ -4,6 +4,8 @@ For a layer with gradient G = gy^T x (tokens flattened), right projection scores
 by ||G d_k||_p over rows, left projection by ||d_k^T G||_p over columns (arXiv:2505.17967). Both are
 computed from the transformed operand (x D or gy D) in blocks of basis columns, so at most one
 (out, block) or (block, in) slice of the projected gradient exists at a time — never the full gradient.
+select_right / select_left keep the best r columns of the blocks seen so far, so the exact refresh gets
+the rank-r gradient of its selection without a second product.
 """
 from __future__ import annotations
 
