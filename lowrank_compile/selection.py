@@ -95,7 +95,13 @@ def _select_streaming(block_of, n: int, p: int, r: int, block: int) -> tuple[Ten
     For distinct scores the result equals select_top_r on all n scores: the top r of a union is the top r of
     the top r of its parts. Ties at the r-th score may keep a different one of the tied rows.
     """
-    block = _block_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r rows per block was fastest
+    merge_block = _block_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r rows was fastest
+    if r + merge_block >= n:  # a merge would hold the whole gradient: score in blocks, then form the r rows
+        block = _block_for(n, block)
+        scores = torch.cat([p_norms(block_of(slice(s, s + block)), p, dim=1) for s in range(0, n, block)])
+        idx = select_top_r(scores, r)
+        return idx, block_of(idx)
+    block = merge_block
     kept = kept_scores = kept_idx = None
     for start in range(0, n, block):
         part = block_of(slice(start, start + block))  # (b, other side)

@@ -41,10 +41,11 @@ def test_left_scores_equal_row_norms_of_DtG(p, block):
 
 
 @pytest.mark.parametrize("p", [1, 2])
-@pytest.mark.parametrize("r,block", [(1, 1), (3, 1), (3, 5), (5, 2), (8, 256), (9, 3), (17, 4)])
+@pytest.mark.parametrize("r,block", [(1, 1), (3, 1), (3, 5), (5, 2), (8, 256), (9, 3), (16, 4), (17, 4)])
 def test_streaming_selection_equals_scores_then_top_r(p, r, block):
     """select_right / select_left pick exactly select_top_r of all scores, best first, and return the rank-r
-    gradient of those columns, equal to projecting the full gradient formed directly (float64)."""
+    gradient of those columns, equal to projecting the full gradient formed directly (float64). Large r
+    (r + block >= n) takes the two-pass path, so no merge ever holds the whole gradient."""
     x, gy = data(3)
     d_in, d_out = dct_basis(IN), dct_basis(OUT)
     g = gy.t() @ x  # (OUT, IN): the full gradient, formed only here
@@ -96,3 +97,27 @@ def test_norm_order():
     assert S.norm_order("l1") == 1 and S.norm_order("l2") == 2
     with pytest.raises(ValueError):
         S.norm_order("linf")
+
+
+@pytest.mark.parametrize("r", [1, 8, 20, 31])
+def test_streaming_selection_never_holds_the_whole_gradient(r):
+    """Whatever r, no tensor made by select_right / select_left is as large as the full (out, n) gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    g = torch.Generator().manual_seed(r)
+    n, m, tokens = 32, 40, 16
+    xd, gy = torch.randn(tokens, n, generator=g), torch.randn(tokens, m, generator=g)
+    for fn, a, b in ((S.select_right, gy, xd), (S.select_left, xd, gy)):
+        with Largest() as mode:
+            fn(a, b, 1, r, block=4)
+        assert mode.numel < m * n, (fn.__name__, mode.numel)
