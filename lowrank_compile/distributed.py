@@ -59,7 +59,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .projection import CARRIER, INDEX, SVD_BASIS, LowRankLinear, RefreshControl
-from .selection import SCORE_BLOCK, _block_for, _sketch_norm, left_scores, p_norms, right_scores
+from .selection import (SCORE_BLOCK, _block_for, _left_rows, _right_rows, _sketch_norm, left_scores, p_norms,
+                        right_scores)
 
 __all__ = ["REFRESH_SYNC_MODES", "DEFAULT_REFRESH_SYNC", "RefreshReducer", "sync_refreshes", "prepare_ddp",
            "CommCounter", "counting_allreduce_hook", "shard_placement", "prepare_fsdp", "is_multiprocess"]
@@ -135,8 +136,8 @@ class RefreshReducer:
         self._all_reduce(scores)
         return scores
 
-    def _blockwise(self, n: int, block_of: Callable[[int, int], Tensor], p: int, dim: int) -> Tensor:
-        """Norms along `dim` of the summed similarity, one all-reduced block of basis columns at a time.
+    def _blockwise(self, n: int, rows_of: Callable[[slice], Tensor], p: int) -> Tensor:
+        """Row norms of the summed similarity (one row per basis index), one all-reduced block at a time.
 
         The all-reduce of block i overlaps the product of block i + 1, so at most two blocks are alive; a
         block is at most half the basis (selection's rule), so no block is the whole gradient.
@@ -144,19 +145,19 @@ class RefreshReducer:
         parts, pending = [], None
         block = _block_for(n, self.block)
         for start in range(0, n, block):
-            s = _float_for_reduce(block_of(start, min(start + block, n))).contiguous()
+            s = _float_for_reduce(rows_of(slice(start, start + block))).contiguous()
             work = self._all_reduce(s, async_op=True)
             if pending is not None:
-                parts.append(self._finish(*pending, p, dim))
+                parts.append(self._finish(*pending, p))
             pending = (work, s)
-        parts.append(self._finish(*pending, p, dim))
+        parts.append(self._finish(*pending, p))
         return torch.cat(parts)
 
     @staticmethod
-    def _finish(work, s: Tensor, p: int, dim: int) -> Tensor:
+    def _finish(work, s: Tensor, p: int) -> Tensor:
         if work is not None:
             work.wait()
-        return p_norms(s, p, dim)
+        return p_norms(s, p, dim=1)
 
     def right_scores(self, gy: Tensor, xd: Tensor, p: int, omega: Tensor | None) -> Tensor:
         """Agreed scores of the n basis columns, right projection. gy: (T, out); xd: (T, n) = x D; omega: (k, out)."""
@@ -166,7 +167,7 @@ class RefreshReducer:
                 return _sketch_norm(self._summed_scores(s), p, dim=0)
             return self._summed_scores(_sketch_norm(s, p, dim=0))
         if self.mode == "exact":
-            return self._blockwise(xd.shape[1], lambda a, b: gy.t() @ xd[:, a:b], p, dim=0)  # (out, b) slices
+            return self._blockwise(xd.shape[1], _right_rows(gy, xd), p)  # (b, out) slices of (G D)^T
         return self._summed_scores(right_scores(gy, xd, p, self.block))
 
     def left_scores(self, gd: Tensor, x: Tensor, p: int, omega: Tensor | None) -> Tensor:
@@ -177,7 +178,7 @@ class RefreshReducer:
                 return _sketch_norm(self._summed_scores(s), p, dim=1)
             return self._summed_scores(_sketch_norm(s, p, dim=1))
         if self.mode == "exact":
-            return self._blockwise(gd.shape[1], lambda a, b: gd[:, a:b].t() @ x, p, dim=1)  # (b, in) slices
+            return self._blockwise(gd.shape[1], _left_rows(gd, x), p)  # (b, in) slices of D^T G
         return self._summed_scores(left_scores(gd, x, p, self.block))
 
     def summed_gradient(self, g: Tensor) -> Tensor:

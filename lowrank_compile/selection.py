@@ -16,7 +16,7 @@ __all__ = ["SCORE_BLOCK", "p_norms", "right_scores", "left_scores", "select_top_
            "sketch_matrix", "sketched_right_scores", "sketched_left_scores"]
 
 # Basis columns per block of the score computation. 256 was as fast as the unblocked product on a
-# 2-core CPU (64 was slower); the block bounds the live slice to (out, 256) or (256, in).
+# 2-core CPU (64 was slower); the block bounds the live slice to (256, out) or (256, in).
 SCORE_BLOCK = 256
 
 
@@ -33,13 +33,7 @@ def right_scores(gy: Tensor, xd: Tensor, p: int, block: int = SCORE_BLOCK) -> Te
 
     gy: (T, out) output gradients; xd: (T, n) = x @ D. Returns (n,) in float32 (float64 for float64 input).
     """
-    n = xd.shape[1]
-    block = _block_for(n, block)
-    parts = []
-    for start in range(0, n, block):
-        s = gy.t() @ xd[:, start:start + block]  # (out, T) @ (T, b) -> (out, b): G D for b columns
-        parts.append(p_norms(s, p, dim=0))
-    return torch.cat(parts)
+    return _block_scores(_right_rows(gy, xd), xd.shape[1], p, block)
 
 
 def left_scores(gd: Tensor, x: Tensor, p: int, block: int = SCORE_BLOCK) -> Tensor:
@@ -47,13 +41,23 @@ def left_scores(gd: Tensor, x: Tensor, p: int, block: int = SCORE_BLOCK) -> Tens
 
     gd: (T, n) = gy @ D; x: (T, in) inputs. Returns (n,).
     """
-    n = gd.shape[1]
+    return _block_scores(_left_rows(gd, x), gd.shape[1], p, block)
+
+
+def _right_rows(gy: Tensor, xd: Tensor):
+    """Rows k of (G D)^T for basis indices k (a slice or index tensor): (xd[:, k])^T gy, (b, out)."""
+    return lambda k: xd[:, k].t() @ gy
+
+
+def _left_rows(gd: Tensor, x: Tensor):
+    """Rows k of D^T G for basis indices k: (gd[:, k])^T x, (b, in)."""
+    return lambda k: gd[:, k].t() @ x
+
+
+def _block_scores(rows_of, n: int, p: int, block: int) -> Tensor:
+    """p-norms of the n rows of rows_of(...), formed `block` rows at a time (never the whole gradient)."""
     block = _block_for(n, block)
-    parts = []
-    for start in range(0, n, block):
-        s = gd[:, start:start + block].t() @ x  # (b, T) @ (T, in) -> (b, in): D^T G for b rows
-        parts.append(p_norms(s, p, dim=1))
-    return torch.cat(parts)
+    return torch.cat([p_norms(rows_of(slice(s, s + block)), p, dim=1) for s in range(0, n, block)])
 
 
 def p_norms(s: Tensor, p: int, dim: int) -> Tensor:
@@ -80,31 +84,29 @@ def select_right(gy: Tensor, xd: Tensor, p: int, r: int, block: int = SCORE_BLOC
     each block of G D is scored and merged into the best r columns kept so far, so at most the kept r and
     one block of columns exist at a time. Blocks are formed transposed, (b, out), so merges gather rows.
     """
-    idx, kept = _select_streaming(lambda cols: xd[:, cols].t() @ gy, xd.shape[1], p, r, block)
+    idx, kept = _select_streaming(_right_rows(gy, xd), xd.shape[1], p, r, block)
     return idx, kept.t().contiguous()
 
 
 def select_left(gd: Tensor, x: Tensor, p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
     """Exact left selection and its rank-r gradient in one blockwise pass: (idx (r,), gd[:, idx]^T x (r, in))."""
-    return _select_streaming(lambda rows: gd[:, rows].t() @ x, gd.shape[1], p, r, block)
+    return _select_streaming(_left_rows(gd, x), gd.shape[1], p, r, block)
 
 
-def _select_streaming(block_of, n: int, p: int, r: int, block: int) -> tuple[Tensor, Tensor]:
-    """Blockwise top-r of the rows of block_of(slice) (one row per basis index) by their p-norms.
+def _select_streaming(rows_of, n: int, p: int, r: int, block: int) -> tuple[Tensor, Tensor]:
+    """Blockwise top-r of the rows of rows_of(slice) (one row per basis index) by their p-norms.
 
     For distinct scores the result equals select_top_r on all n scores: the top r of a union is the top r of
     the top r of its parts. Ties at the r-th score may keep a different one of the tied rows.
     """
     merge_block = _block_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r rows was fastest
     if r + merge_block >= n:  # a merge would hold the whole gradient: score in blocks, then form the r rows
-        block = _block_for(n, block)
-        scores = torch.cat([p_norms(block_of(slice(s, s + block)), p, dim=1) for s in range(0, n, block)])
-        idx = select_top_r(scores, r)
-        return idx, block_of(idx)
+        idx = select_top_r(_block_scores(rows_of, n, p, block), r)
+        return idx, rows_of(idx)
     block = merge_block
     kept = kept_scores = kept_idx = None
     for start in range(0, n, block):
-        part = block_of(slice(start, start + block))  # (b, other side)
+        part = rows_of(slice(start, start + block))  # (b, other side)
         scores = p_norms(part, p, dim=1)
         idx = torch.arange(start, start + scores.shape[0], device=scores.device)
         if kept is not None:
