@@ -179,6 +179,30 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def batch_ids(spec: dict) -> torch.Tensor:
+    """The one fixed batch of token ids every step of `spec`'s configuration trains on."""
+    vocab = MODELS[spec["model"]][4]
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(spec["device"])
+
+
+def refresh_gap(spec: dict) -> int:
+    """lowrank_compile's update_gap for a lowrank configuration, 0 for the others (nothing refreshes)."""
+    return spec.get("update_gap", 0) if spec["kind"] == "lowrank" else 0
+
+
+def step_times(ordinary: list[float], refresh: list[float], gap: int) -> dict:
+    """Medians of ordinary and refresh steps, and the time per step averaged over a refresh cycle."""
+    out = dict(ordinary_s=statistics.median(ordinary))
+    if gap > 1:
+        out["refresh_s"] = statistics.median(refresh)
+        out["amortized_s"] = ((gap - 1) * out["ordinary_s"] + out["refresh_s"]) / gap
+    else:
+        out["refresh_s"] = out["ordinary_s"] if gap == 1 else None
+        out["amortized_s"] = out["ordinary_s"]
+    return out
+
+
 def interleaved_worker(specs: list[dict]) -> list[dict]:
     """Time several configurations in one process, one step of each in turn, round after round.
 
@@ -191,15 +215,12 @@ def interleaved_worker(specs: list[dict]) -> list[dict]:
     for spec in specs:
         preload(spec["kind"])
     first = specs[0]
-    vocab = MODELS[first["model"]][4]
-    ids = torch.randint(0, vocab, (first["batch"], first["seq"]), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(first["device"])
+    ids = batch_ids(first)
     runs = []
     for spec in specs:
         model = build(spec)
         opt = make_optimizer(model, spec)
-        gap = spec.get("update_gap", 0) if spec["kind"] == "lowrank" else 0
-        runs.append(dict(spec=spec, opt=opt, gap=gap, step=make_train_step(model, opt, spec, ids)))
+        runs.append(dict(spec=spec, opt=opt, gap=refresh_gap(spec), step=make_train_step(model, opt, spec, ids)))
     for run in runs:  # warm-up, and one untimed refresh with states present (first-time work)
         for _ in range(run["spec"]["warmup"]):
             run["step"]()
@@ -216,19 +237,8 @@ def interleaved_worker(specs: list[dict]) -> list[dict]:
             if run["gap"] > 1:
                 run["opt"]._control.set_step((k + 1) * run["gap"] - 1)  # the next step refreshes
                 refresh[id(run)].append(timed(run["step"]))
-    results = []
-    for run in runs:
-        spec, gap = run["spec"], run["gap"]
-        r = dict(name=spec["name"], spec=spec, mode="time", interleaved=True,
-                 ordinary_s=statistics.median(ordinary[id(run)]), steps_s=ordinary[id(run)])
-        if gap > 1:
-            r["refresh_s"] = statistics.median(refresh[id(run)])
-            r["amortized_s"] = ((gap - 1) * r["ordinary_s"] + r["refresh_s"]) / gap
-        else:
-            r["refresh_s"] = r["ordinary_s"] if gap == 1 else None
-            r["amortized_s"] = r["ordinary_s"]
-        results.append(r)
-    return results
+    return [dict(name=run["spec"]["name"], spec=run["spec"], mode="time", interleaved=True, steps_s=ordinary[id(run)],
+                 **step_times(ordinary[id(run)], refresh[id(run)], run["gap"])) for run in runs]
 
 
 def worker(spec: dict) -> dict:
@@ -238,10 +248,7 @@ def worker(spec: dict) -> dict:
     preload(spec["kind"])  # imports grow RSS: never inside the measured window
     model = build(spec)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    batch, seq = spec["batch"], spec["seq"]
-    vocab = MODELS[spec["model"]][4]
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(spec["device"])
+    ids = batch_ids(spec)
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -253,7 +260,7 @@ def worker(spec: dict) -> dict:
     timed_step = functools.partial(timed, train_step)
 
     result = dict(name=spec["name"], spec=spec, weights_mib=weights / 2**20)
-    gap = spec.get("update_gap", 0) if spec["kind"] == "lowrank" else 0
+    gap = refresh_gap(spec)
     if spec["mode"] in ("memory", "both"):
         for _ in range(spec["mem_steps"]):  # step 1 refreshes (every kind selects its basis on its first step)
             train_step()
@@ -267,21 +274,16 @@ def worker(spec: dict) -> dict:
     if spec["mode"] in ("time", "both"):
         warm = [timed_step() for _ in range(spec["warmup"])]
         ordinary = [timed_step() for _ in range(spec["steps"])]
-        result["ordinary_s"] = statistics.median(ordinary)
         result["first_steps_s"] = warm
+        refresh = []
         if gap > 1:  # move the step counter so that each next step is a refresh (benchmark only)
             control = opt._control
             control.set_step(gap - 1)
             timed_step()  # one untimed refresh with states present: first-time work (compiling the remap)
-            refresh = []
             for k in range(1, spec["refresh_steps"] + 1):
                 control.set_step((k + 1) * gap - 1)
                 refresh.append(timed_step())
-            result["refresh_s"] = statistics.median(refresh)
-            result["amortized_s"] = ((gap - 1) * result["ordinary_s"] + result["refresh_s"]) / gap
-        else:
-            result["refresh_s"] = result["ordinary_s"] if gap == 1 else None
-            result["amortized_s"] = result["ordinary_s"]
+        result.update(step_times(ordinary, refresh, gap))
     return result
 
 

@@ -38,15 +38,7 @@ def main(argv=None) -> None:
         bench.preload(spec["kind"])
         model = bench.build(spec)
         opt = bench.make_optimizer(model, spec)
-        ids = torch.randint(0, bench.MODELS[args.model][4], args.batch, device=args.device)
-
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
+        step = bench.make_train_step(model, opt, spec, bench.batch_ids(spec))
 
         for _ in range(args.warmup):
             step()
