@@ -15,7 +15,7 @@ IMPLEMENTED_STATE_DTYPES = STATE_DTYPES  # "int8" | "int4" | "fp8": torchao subc
 # Refresh every step, as the paper does. Measured (docs/BENCHMARKS.md, tools/convergence.py: LLaMA hidden 128 on
 # the bundled corpus, rank 32, each at its best lr), held-out loss: gap 1 2.275, gap 10 2.334, gap 50 2.385,
 # gap 200 2.367 (AdamW 2.246): only gap 1 stays within 3% of AdamW. Its cost (tools/bench.py, 78M LLaMA, batch
-# 4 x 256, CPU): 1.24x AdamW's step with exact scores, 0.94x with sketch_rows=64 (gap 50: 0.94x).
+# 4 x 256, CPU): 0.95-1.06x AdamW's step with exact scores since the one-pass refresh (1.24x before).
 DEFAULT_UPDATE_GAP = 1
 # "match" is what the reference's rotate_subspace=True intends: states follow their basis columns. Measured at
 # gap 1 (same setup as above): match 2.275, reset 2.360, keep 2.430.
