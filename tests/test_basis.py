@@ -56,6 +56,16 @@ def test_dct_rows_fft_equals_matmul_float32(n):
     torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-4 * exact.abs().max().item())
 
 
+def test_dct_rows_fft_compiles_whole_and_matches_eager():
+    """Under torch.compile (fullgraph: no break) the FFT transform equals the eager one; the eager plan cache is
+    not read inside the graph, and an empty batch of rows works."""
+    fn = torch.compile(B.dct_rows_fft, fullgraph=True, dynamic=False)
+    for n in (B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 1):
+        x = torch.randn(4, 3, n, generator=torch.Generator().manual_seed(n))
+        torch.testing.assert_close(fn(x), B.dct_rows_fft(x), rtol=1e-5, atol=1e-5)
+    assert B.dct_rows_fft(torch.zeros(0, 9)).shape == (0, 9)
+
+
 @pytest.mark.parametrize("n", [7, B.FFT_MIN_SIZE - 1, B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 3])
 def test_dct_rows_and_transform_rows_equal_matmul(n):
     """dct_rows and transform_rows("dct") pick matmul or FFT by size and both equal x @ D (4-D input)."""
