@@ -256,15 +256,7 @@ def lm_main(args) -> None:
         print("galore-torch is not installed (pip install galore-torch bitsandbytes): skipping the GaLore peer",
               file=sys.stderr)
         configs = {k: v for k, v in configs.items() if v["optimizer"] != "galore"}
-    specs = []
-    for name, cfg in configs.items():
-        cfg = dict(cfg)
-        grid = cfg.pop("lrs", LRS[cfg["optimizer"]])
-        for lr in args.lrs or grid:
-            specs.append(with_key(dict(common, **cfg, name=name, lr=lr)))
-    results = sweep("lm", specs, out, args.jobs)
-    best = best_per_config(results)
-    seeds = confirm_seeds("lm", best, out, args.jobs, args.seeds, args.seeds_for)
+    results, best, seeds = sweep_and_confirm("lm", configs, LRS, common, out, args)
     mean = {name: seed_summary(runs, lambda r: r["final_eval"]) for name, runs in seeds.items()}
     ref = mean["torch AdamW"][0]
     galore = mean.get("GaLore (galore-torch, svd, gap 200)")
@@ -296,17 +288,8 @@ def minilm_main(args) -> None:
     out = Path(args.out)
     common = dict(steps=args.steps, batch=args.batch, max_length=args.max_length, seed=0, data_seed=0,
                   rank=args.rank or 96)
-    specs = []
-    for name, cfg in MINILM_CONFIGS.items():
-        if not selected(name, args):
-            continue
-        cfg = dict(cfg)
-        grid = cfg.pop("lrs", MINILM_LRS[cfg["optimizer"]])
-        for lr in args.lrs or grid:
-            specs.append(with_key(dict(common, **cfg, name=name, lr=lr)))
-    results = sweep("minilm", specs, out, args.jobs)
-    best = best_per_config(results)
-    seeds = confirm_seeds("minilm", best, out, args.jobs, args.seeds, args.seeds_for)
+    configs = {k: v for k, v in MINILM_CONFIGS.items() if selected(k, args)}
+    results, best, seeds = sweep_and_confirm("minilm", configs, MINILM_LRS, common, out, args)
     mean = {name: seed_summary(runs, lambda r: r["accuracy"], ".1f") for name, runs in seeds.items()}
     ref = best.get("full AdamW")
     title = (f"all-MiniLM-L6-v2 + linear head, 5-way document classification, {args.steps} steps of "
@@ -330,6 +313,20 @@ def minilm_main(args) -> None:
     report(out, "minilm", lines, dict(title=title, best={k: strip(v) for k, v in best.items()},
                                       all=[strip(r) for r in results],
                                       seeds={k: [strip(r) for r in v] for k, v in seeds.items()}))
+
+
+def sweep_and_confirm(task: str, configs: dict, grids: dict, common: dict, out: Path, args):
+    """Run each configuration over its lr grid (--lrs overrides), pick its best lr on seed 0, then re-run that
+    lr with more seeds; returns (all runs, best run per configuration, seed runs per configuration)."""
+    specs = []
+    for name, cfg in configs.items():
+        cfg = dict(cfg)
+        grid = cfg.pop("lrs", grids[cfg["optimizer"]])
+        for lr in args.lrs or grid:
+            specs.append(with_key(dict(common, **cfg, name=name, lr=lr)))
+    results = sweep(task, specs, out, args.jobs)
+    best = best_per_config(results)
+    return results, best, confirm_seeds(task, best, out, args.jobs, args.seeds, args.seeds_for)
 
 
 def strip(r: dict) -> dict:

@@ -9,10 +9,14 @@ configurations, up to 7B's 11008 x 4096) and a random fp32 gradient G of that sh
 - dct matmul: the scores of every DCT column from G, ``|G @ D|`` summed over rows, and the top-r
   (the reference code's refresh: one (m, n) @ (n, n) product; rows of length n = the smaller side);
 - dct fft: the same scores with ``G @ D`` computed by FFT (lowrank_compile.basis.dct_rows_fft);
-- in backward, exact / sketch 64: what a lowrank_compile refresh actually runs inside the projected backward,
-  from the layer's inputs x (T, n) and output gradients gy (T, m) without forming G: x D (FFT from 512 on),
-  then the exact blockwise scores ``|gy^T (x D)|`` (selection.right_scores) or the 64-row sketch
-  (selection.sketched_right_scores), and the top-r. T = --tokens.
+- in backward, exact / sketch 64: the whole weight-gradient work of a refresh step inside the projected
+  backward (projection.rank_r_grad, the library's own code path), from the layer's inputs x (T, n) and output
+  gradients gy (T, m), without forming G: x D (FFT from 512 on), then either the one-pass exact selection
+  (selection.select_right: blockwise scores |gy^T (x D)| merged into the best r, the rank-r gradient falling
+  out) or the 64-row sketched scores, top-r and the rank-r gradient. T = --tokens.
+- ordinary step: the same layer's rank-r gradient gy^T (x D_r) on a step that does not refresh. A refresh
+  step runs one of the in-backward columns instead, so "refresh adds" (in backward - ordinary step) is what
+  a refresh costs on top of the step; GaLore's refresh adds its SVD (it forms G at every step anyway).
 
 Times are the minimum of --repeats runs (the minimum is the least disturbed by other processes on a shared
 machine); SVDs slower than 5 s run once. Per model: the sum over every projected layer of LLaMA 60M ... 7B
@@ -27,8 +31,9 @@ import time
 
 import torch
 
-from lowrank_compile.basis import dct_matrix, dct_rows_fft, transform_rows
-from lowrank_compile.selection import right_scores, select_top_r, sketch_matrix, sketched_right_scores
+from lowrank_compile.basis import basis_matrix, dct_matrix, dct_rows_fft
+from lowrank_compile.projection import rank_r_grad
+from lowrank_compile.selection import select_top_r, sketch_matrix
 
 # name: (hidden, intermediate, layers); vocab 32000, as in GaLore's configs (and LLaMA-7B).
 MODELS = {"60M": (512, 1376, 8), "130M": (768, 2048, 12), "350M": (1024, 2736, 24), "1B": (2048, 5461, 24),
@@ -72,9 +77,11 @@ def measure(m: int, n: int, tokens: int, repeats: int, svd: bool) -> dict:
     row = dict(shape=f"{m}x{n}", m=m, n=n, rank=r, tokens=tokens)
     row["dct_matmul_s"] = timed(lambda: select_top_r((g @ d).abs().sum(0), r), repeats)
     row["dct_fft_s"] = timed(lambda: select_top_r(dct_rows_fft(g).abs().sum(0), r), repeats)
-    row["backward_exact_s"] = timed(lambda: select_top_r(right_scores(gy, transform_rows("dct", x, d), 1), r), repeats)
-    row["backward_sketch64_s"] = timed(
-        lambda: select_top_r(sketched_right_scores(gy, transform_rows("dct", x, d), omega, 1), r), repeats)
+    table = basis_matrix("dct", n, torch.float32, torch.device(DEVICE))
+    idx = torch.arange(r, device=DEVICE)  # the layer's index buffer; a refresh rewrites it in place
+    row["backward_exact_s"] = timed(lambda: rank_r_grad(x, gy, idx, table, True, "dct", 1, True), repeats)
+    row["backward_sketch64_s"] = timed(lambda: rank_r_grad(x, gy, idx, table, True, "dct", 1, True, omega), repeats)
+    row["ordinary_s"] = timed(lambda: rank_r_grad(x, gy, idx, table, True, "dct", 1, False), repeats)
     row["full_grad_s"] = timed(lambda: gy.t() @ x, repeats)  # for scale: the weight gradient AdamW forms each step
     if svd:
         _sync()
@@ -123,20 +130,22 @@ def main(argv=None) -> None:
     head = (f"torch {torch.__version__}, {where}, fp32, rank r = n / 4, "
             f"in-backward refresh from T = {args.tokens} tokens\n")
     lines = [head, "| layer (m x n) | SVD | DCT scores, matmul | DCT scores, FFT | FFT / SVD | in backward, exact | "
-             "in backward, sketch 64 | full weight gradient gy^T x |", "|---|---|---|---|---|---|---|---|"]
+             "in backward, sketch 64 | ordinary step | full weight gradient gy^T x |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (m, n), r in rows.items():
         svd = r.get("svd_s")
         lines.append(f"| {m} x {n} | {fmt(svd) if svd else '-'} | {fmt(r['dct_matmul_s'])} | {fmt(r['dct_fft_s'])} | "
                      f"{pct(r['dct_fft_s'], svd)} | {fmt(r['backward_exact_s'])} | "
-                     f"{fmt(r['backward_sketch64_s'])} | {fmt(r['full_grad_s'])} |")
+                     f"{fmt(r['backward_sketch64_s'])} | {fmt(r['ordinary_s'])} | {fmt(r['full_grad_s'])} |")
     lines += ["", "Per model (sum over every projected layer: q, k, v, o, gate, up, down in each block):", "",
               "| model | layers | SVD | DCT matmul | DCT FFT | best DCT / SVD | in backward, exact | "
-              "in backward, sketch 64 |", "|---|---|---|---|---|---|---|---|"]
+              "in backward, sketch 64 | ordinary step | refresh adds, exact / SVD | refresh adds, sketch 64 / SVD |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     totals = {}
     for name in args.models:
         parts = model_shapes(*MODELS[name])
         tot = {k: sum(rows[s][k] * c for s, c in parts) for k in ("dct_matmul_s", "dct_fft_s", "backward_exact_s",
-                                                                    "backward_sketch64_s")}
+                                                                    "backward_sketch64_s", "ordinary_s")}
         if not args.no_svd:
             tot["svd_s"] = sum(rows[s]["svd_s"] * c for s, c in parts)
         totals[name] = tot
@@ -145,7 +154,9 @@ def main(argv=None) -> None:
         lines.append(f"| LLaMA {name} | {sum(c for _, c in parts)} | {fmt(svd) if svd else '-'} | "
                      f"{fmt(tot['dct_matmul_s'])} | {fmt(tot['dct_fft_s'])} | "
                      f"{pct(best, svd)} | {fmt(tot['backward_exact_s'])} | "
-                     f"{fmt(tot['backward_sketch64_s'])} |")
+                     f"{fmt(tot['backward_sketch64_s'])} | {fmt(tot['ordinary_s'])} | "
+                     f"{pct(tot['backward_exact_s'] - tot['ordinary_s'], svd)} | "
+                     f"{pct(tot['backward_sketch64_s'] - tot['ordinary_s'], svd)} |")
     text = "\n".join(lines)
     print(text)
     if args.json:
