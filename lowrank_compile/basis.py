@@ -62,14 +62,15 @@ def _fft_plan(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor,
     Cached in eager mode; under torch.compile built inline (a few small ops), so no graph reads a global cache.
     """
     key = (n, dtype, torch.device(device))
-    plan = None if torch.compiler.is_compiling() else _FFT_PLANS.get(key)
+    compiling = torch.compiler.is_compiling()
+    plan = None if compiling else _FFT_PLANS.get(key)
     if plan is None:
         perm = torch.cat([torch.arange(0, n, 2, device=device), torch.arange(1, n, 2, device=device).flip(0)])
         k = torch.arange(n // 2 + 1, dtype=torch.float64, device=device)
         twiddle = torch.polar(torch.full_like(k, math.sqrt(2.0 / n)), k * (-math.pi / (2 * n)))
         twiddle[0] *= math.sqrt(0.5)
         plan = (perm, twiddle.to(torch.complex128 if dtype == torch.float64 else torch.complex64))
-        if not torch.compiler.is_compiling():
+        if not compiling:
             _FFT_PLANS[key] = plan
     return plan
 

@@ -45,18 +45,16 @@ class WeightSide:
         for out, inp in shapes:
             right = out >= inp
             n = inp if right else out
+            low = (out, rank) if right else (rank, inp)  # the rank-r gradient's and states' shape
             table = basis_matrix("dct", n, torch.float32, torch.device("cpu"))
             idx = torch.randperm(n, generator=gen)[:rank]
             self.layers.append(dict(
                 x=torch.randn(tokens, inp, generator=gen), gy=torch.randn(tokens, out, generator=gen) * 1e-3,
                 w=torch.randn(out, inp, generator=gen) * 0.02, right=right, table=table, idx=idx,
-                d_r=gather_columns(table, idx), low_shape=(out, rank) if right else (rank, inp)))
+                d_r=gather_columns(table, idx), step=torch.tensor(0.0),
+                m=torch.zeros(low), v=torch.zeros(low)))
         self.dense = [torch.nn.Parameter(layer["w"].clone()) for layer in self.layers]
         self.adamw = torch.optim.AdamW(self.dense, lr=1e-6, foreach=True)
-        for layer in self.layers:
-            layer["m"] = torch.zeros(layer["low_shape"])
-            layer["v"] = torch.zeros(layer["low_shape"])
-            layer["step"] = torch.tensor(0.0)
         self.lr = torch.tensor(1e-6, dtype=torch.float64)
 
     def adamw_side(self) -> None:
