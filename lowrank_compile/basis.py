@@ -13,12 +13,16 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dct_matrix", "random_orthonormal_matrix", "dct_rows", "dct_rows_fft", "basis_matrix", "gather_columns",
-           "transform_rows"]
+__all__ = ["dct_matrix", "random_orthonormal_matrix", "use_fft", "dct_rows", "dct_rows_fft", "basis_matrix",
+           "gather_columns", "transform_rows"]
 
-# Rows of x @ D by FFT (Makhoul) instead of matmul from this size on. Measured on a 2-core CPU, 2048 rows,
-# fp32 (torch 2.13): n=256 matmul 2.1 ms vs FFT 3.2 ms; n=512 9.6 vs 5.3 ms; n=1024 41 vs 9.6 ms.
+# Rows of x @ D by FFT (Makhoul) instead of matmul: from SMOOTH_FFT_MIN_SIZE on for sizes whose prime factors are
+# in _SMOOTH_PRIMES (what MKL's FFT has fast radix kernels for), from FFT_MIN_SIZE on for every size. Measured
+# with tools/fft_threshold.py (2-core CPU, fp32, torch 2.13, T = 512-4096 rows): FFT / matmul 0.70-0.85 at n=192,
+# 0.49-0.59 at 256, 0.40 at 384, 0.27 at 512; but 1.1-1.7 at the primes 251 and 257, and 0.6-0.8 at 509.
 FFT_MIN_SIZE = 512
+SMOOTH_FFT_MIN_SIZE = 192
+_SMOOTH_PRIMES = (2, 3, 5, 7, 11, 13)
 
 RANDOM_BASIS_SEED = 0
 
@@ -52,13 +56,15 @@ def random_orthonormal_matrix(
     return q.to(dtype=dtype, device=device)
 
 
-_FFT_PLANS: dict[tuple, tuple[Tensor, Tensor]] = {}
+_FFT_PLANS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _fft_plan(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(perm, twiddle) of the size-n DCT by FFT: the Makhoul reordering as gather indices, and the
-    post-FFT factors exp(-i pi k / 2n) for k <= n/2 with the orthonormal scales folded in (built in float64).
+def _fft_plan(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(perm, twiddle, take) of the size-n DCT by FFT (built in float64).
 
+    perm: the Makhoul reordering as gather indices. twiddle: i exp(-i pi k / 2n) for k <= n/2, with the
+    orthonormal scales folded in; the factor i puts X_k in the imaginary part and X_{n-k} in the real part, so
+    no negation pass is needed. take: where each X_j sits in the interleaved (re, im) view of the half spectrum.
     Cached in eager mode; under torch.compile built inline (a few small ops), so no graph reads a global cache.
     """
     key = (n, dtype, torch.device(device))
@@ -67,9 +73,11 @@ def _fft_plan(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor,
     if plan is None:
         perm = torch.cat([torch.arange(0, n, 2, device=device), torch.arange(1, n, 2, device=device).flip(0)])
         k = torch.arange(n // 2 + 1, dtype=torch.float64, device=device)
-        twiddle = torch.polar(torch.full_like(k, math.sqrt(2.0 / n)), k * (-math.pi / (2 * n)))
+        twiddle = torch.polar(torch.full_like(k, math.sqrt(2.0 / n)), k * (-math.pi / (2 * n)) + math.pi / 2)
         twiddle[0] *= math.sqrt(0.5)
-        plan = (perm, twiddle.to(torch.complex128 if dtype == torch.float64 else torch.complex64))
+        j = torch.arange(n, device=device)
+        take = torch.where(j <= n // 2, 2 * j + 1, 2 * (n - j))  # Im(i Z_j) = X_j; Re(i Z_k) = X_{n-k}
+        plan = (perm, twiddle.to(torch.complex128 if dtype == torch.float64 else torch.complex64), take)
         if not compiling:
             _FFT_PLANS[key] = plan
     return plan
@@ -79,29 +87,39 @@ def dct_rows_fft(x: Tensor) -> Tensor:
     """Orthonormal DCT-II of every row of x by one real FFT of length n (Makhoul, 1980); equals x @ dct_matrix(n).
 
     With v the even samples followed by the odd ones reversed, V = rfft(v) and Z_k = V_k exp(-i pi k / 2n),
-    X_k = Re Z_k for k <= n/2 and X_{n-k} = -Im Z_k: the half spectrum gives every coefficient. The reordering is
-    one gather and the scales ride on the twiddle factors (15-30 % faster than a cat and two extra passes).
+    X_k = Re Z_k for k <= n/2 and X_{n-k} = -Im Z_k: the half spectrum gives every coefficient. Four passes: the
+    reordering gather, the FFT, the twiddle product and one gather of the coefficients out of i Z (20-25 %
+    faster than copying real and flipped, negated imaginary parts separately).
     """
     n = x.shape[-1]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    perm, twiddle = _fft_plan(n, compute, x.device)
+    perm, twiddle, take = _fft_plan(n, compute, x.device)
     x2 = x.reshape(-1, n).to(compute)
-    if x2.shape[0] == 0:  # MKL's FFT rejects an empty batch
+    rows = x2.shape[0]
+    if rows == 0:  # MKL's FFT rejects an empty batch
         return x.clone()
-    v = torch.gather(x2, 1, perm.expand(x2.shape[0], n))
-    z = torch.fft.rfft(v, dim=-1).mul_(twiddle)
-    half = n // 2 + 1
-    out = torch.empty(x2.shape, dtype=compute, device=x.device)
-    out[:, :half] = z.real
-    m = (n - 1) // 2  # X_{n-k} for k = 1 .. m
-    out[:, n - m:] = z.imag[:, 1:m + 1].flip(-1).neg()
+    v = torch.gather(x2, 1, perm.expand(rows, n))
+    iz = torch.fft.rfft(v, dim=-1).mul_(twiddle)
+    out = torch.gather(torch.view_as_real(iz).view(rows, -1), 1, take.expand(rows, n))
     return out.view(x.shape).to(x.dtype)
 
 
-def dct_rows(x: Tensor) -> Tensor:
-    """x @ D for the orthonormal DCT-II D of size x.shape[-1]: by FFT from FFT_MIN_SIZE on, else matmul."""
-    n = x.shape[-1]
+def use_fft(n: int) -> bool:
+    """Whether the size-n DCT of rows goes through the FFT: a fixed rule on n alone, never a run-time timing."""
     if n >= FFT_MIN_SIZE:
+        return True
+    if n < SMOOTH_FFT_MIN_SIZE:
+        return False
+    for p in _SMOOTH_PRIMES:
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
+def dct_rows(x: Tensor) -> Tensor:
+    """x @ D for the orthonormal DCT-II D of size x.shape[-1]: by FFT where use_fft(n), else matmul."""
+    n = x.shape[-1]
+    if use_fft(n):
         return dct_rows_fft(x)
     return x @ dct_matrix(n, x.dtype, x.device)
 
@@ -143,6 +161,6 @@ def transform_rows(kind: str, x: Tensor, table: Tensor) -> Tensor:
 
     The DCT of large rows goes through the FFT and never reads `table`.
     """
-    if kind == "dct" and x.shape[-1] >= FFT_MIN_SIZE:
+    if kind == "dct" and use_fft(x.shape[-1]):
         return dct_rows_fft(x)
     return x @ table.to(x.dtype)

@@ -30,7 +30,7 @@ All-reduced values are bit-identical on every process (a sum of two is commutati
 all-reduces compute each element once and broadcast it), and the top-r is computed from them by the same
 kernel everywhere, so every process selects the same indices. Random state is the same by construction:
 the random basis and the sketches are seeded from (seed, size, step) alone, and the choice between FFT
-and matmul is a fixed size threshold (basis.FFT_MIN_SIZE), never a timing.
+and matmul is a fixed rule on the size (basis.use_fft), never a timing.
 
 DDP
 ---

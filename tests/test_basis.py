@@ -10,7 +10,7 @@ from reference import dct_basis
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = [1, 2, 3, 7, 16, 33]
-FFT_SIZES = [1, 2, 5, 16, 33, B.FFT_MIN_SIZE - 1, B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 1, 2 * B.FFT_MIN_SIZE]
+FFT_SIZES = [1, 2, 5, 16, 33, 257, 384, B.FFT_MIN_SIZE - 1, B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 1, 2 * B.FFT_MIN_SIZE]
 
 
 def eye(n):
@@ -66,7 +66,17 @@ def test_dct_rows_fft_compiles_whole_and_matches_eager():
     assert B.dct_rows_fft(torch.zeros(0, 9)).shape == (0, 9)
 
 
-@pytest.mark.parametrize("n", [7, B.FFT_MIN_SIZE - 1, B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 3])
+def test_use_fft_rule():
+    """FFT from FFT_MIN_SIZE for every size; below it only for smooth sizes (all prime factors <= 13) from
+    SMOOTH_FFT_MIN_SIZE, where tools/fft_threshold.py measured the FFT faster; primes there stay on matmul."""
+    assert B.SMOOTH_FFT_MIN_SIZE < B.FFT_MIN_SIZE
+    smooth = [B.SMOOTH_FFT_MIN_SIZE, 256, 320, 352, 384, 416, 448, 480]
+    rough = [251, 257, 263, 2 * 127, 17 * 19, B.FFT_MIN_SIZE - 3]  # a prime factor > 13
+    assert all(B.use_fft(n) for n in smooth + [B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 1, 521, 2 * B.FFT_MIN_SIZE])
+    assert not any(B.use_fft(n) for n in rough + [1, 2, 64, 128, B.SMOOTH_FFT_MIN_SIZE - 1])
+
+
+@pytest.mark.parametrize("n", [7, 128, 257, 384, B.FFT_MIN_SIZE - 1, B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 3])
 def test_dct_rows_and_transform_rows_equal_matmul(n):
     """dct_rows and transform_rows("dct") pick matmul or FFT by size and both equal x @ D (4-D input)."""
     x = torch.randn(2, 2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
