@@ -37,10 +37,14 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     step = step.to(cdt)
     bc1 = 1 - beta1 ** step
     sqrt_bc2 = (1 - beta2 ** step).sqrt()
-    u = mf / (vf.sqrt() + eps * sqrt_bc2) * (sqrt_bc2 / bc1)
+    # One buffer for the denominator and then the direction: the same operations in the same order as
+    # mf / (sqrt(vf) + eps sqrt_bc2) * (sqrt_bc2 / bc1), without three full-size temporaries.
+    u = vf.sqrt().add_(eps * sqrt_bc2)
+    torch.div(mf, u, out=u)
+    u.mul_(sqrt_bc2 / bc1)
     if quant.is_quantized(m):
         bound = adam_ratio_bound(step, beta1, beta2) * 1.05  # slack for the fp32 rounding of the bound itself
-        u = u.clamp(-bound, bound)
+        u.clamp_(-bound, bound)
     return u
 
 
@@ -66,8 +70,7 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     """
     for w, g, m, v, d_r, step in zip(weights, grads, exp_avgs, exp_avg_sqs, cols, steps):
         step.add_(1)
-        u = moments_direction(g, m, v, step, beta1, beta2, eps)
-        u = (u * (-lr * scale)).to(w.dtype)
+        u = moments_direction(g, m, v, step, beta1, beta2, eps).mul_(-lr * scale).to(w.dtype)
         d_r = d_r.to(w.dtype)
         if weight_decay != 0:
             w.mul_(1 - lr * weight_decay)
@@ -85,7 +88,7 @@ def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
         u = moments_direction(g, m, v, step, beta1, beta2, eps)
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)
-        p.sub_((u * lr).to(p.dtype))
+        p.sub_(u.mul_(lr).to(p.dtype))
 
 
 @functools.cache
