@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lowrank_compile.basis import FFT_MIN_SIZE, dct_matrix, dct_rows_fft
+from lowrank_compile.basis import FFT_MIN_SIZE, SMOOTH_FFT_MIN_SIZE, dct_matrix, dct_rows_fft, use_fft
 
 
 def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
@@ -42,9 +42,10 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, fp32, medians of {args.repeats} "
-          f"interleaved calls; the library's threshold now: FFT from n = {FFT_MIN_SIZE}\n")
-    print("| n | T | matmul (ms) | FFT (ms) | FFT / matmul |")
-    print("|---|---|---|---|---|")
+          f"interleaved calls. The library's rule (basis.use_fft): FFT from n = {SMOOTH_FFT_MIN_SIZE} for sizes whose "
+          f"prime factors are all <= 13, from n = {FFT_MIN_SIZE} for every size\n")
+    print("| n | T | matmul (ms) | FFT (ms) | FFT / matmul | the library uses |")
+    print("|---|---|---|---|---|---|")
     fft_wins = {}
     for n in args.sizes:
         d = dct_matrix(n)
@@ -54,7 +55,8 @@ def main(argv=None) -> None:
             med = interleaved_medians({"matmul": lambda: x @ d, "fft": lambda: dct_rows_fft(x)}, args.repeats)
             ratio = med["fft"] / med["matmul"]
             wins = wins and ratio < 1
-            print(f"| {n} | {rows} | {med['matmul'] * 1e3:.3f} | {med['fft'] * 1e3:.3f} | {ratio:.2f} |", flush=True)
+            print(f"| {n} | {rows} | {med['matmul'] * 1e3:.3f} | {med['fft'] * 1e3:.3f} | {ratio:.2f} | "
+                  f"{'FFT' if use_fft(n) else 'matmul'} |", flush=True)
         fft_wins[n] = wins
     from_n = next((n for n in args.sizes if all(fft_wins[m] for m in args.sizes if m >= n)), None)
     print(f"\nFFT faster at every T from n = {from_n} on" if from_n else "\nthe FFT never wins at every T here")
