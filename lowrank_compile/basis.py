@@ -2,8 +2,9 @@
 
 A basis of size n is an (n, n) matrix D with D^T D = I; column k is the k-th basis vector. Bases are
 built once per (kind, n, dtype, device) and shared by every layer of that size. ``x @ D`` — the
-transform of each row of x — is what a refresh needs; for the DCT it is computed by FFT above a size
-threshold fixed by measurement (never by timing at run time, so results are reproducible bit for bit).
+transform of each row of x — is what a refresh needs; for the DCT it is computed by FFT for the sizes where
+measurement found it faster (use_fft: a fixed rule on n, never a timing at run time, so results are reproducible
+bit for bit).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ configurations, up to 7B's 11008 x 4096) and a random fp32 gradient G of that sh
 - dct fft: the same scores with ``G @ D`` computed by FFT (lowrank_compile.basis.dct_rows_fft);
 - in backward, exact / sketch 64: the whole weight-gradient work of a refresh step inside the projected
   backward (projection.rank_r_grad, the library's own code path), from the layer's inputs x (T, n) and output
-  gradients gy (T, m), without forming G: x D (FFT from 512 on), then either the one-pass exact selection
+  gradients gy (T, m), without forming G: x D (FFT where basis.use_fft says), then either the one-pass exact selection
   (selection.select_right: blockwise scores |gy^T (x D)| merged into the best r, the rank-r gradient falling
   out) or the 64-row sketched scores, top-r and the rank-r gradient. T = --tokens.
 - ordinary step: the same layer's rank-r gradient gy^T (x D_r) on a step that does not refresh. A refresh
