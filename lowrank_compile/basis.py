@@ -24,6 +24,9 @@ __all__ = ["dct_matrix", "random_orthonormal_matrix", "use_fft", "dct_rows", "dc
 FFT_MIN_SIZE = 512
 SMOOTH_FFT_MIN_SIZE = 192
 _SMOOTH_PRIMES = (2, 3, 5, 7, 11, 13)
+# Row chunks of the CPU FFT transform: 2^20 elements (4 MiB of fp32 input) per chunk. At 2048 x 2048 and
+# 4096 x 4096 chunks of 2^18-2^20 elements halved the time against one whole pass; 2^16 lost some of it.
+FFT_CHUNK_ELEMS = 1 << 20
 
 RANDOM_BASIS_SEED = 0
 
@@ -90,7 +93,9 @@ def dct_rows_fft(x: Tensor) -> Tensor:
     With v the even samples followed by the odd ones reversed, V = rfft(v) and Z_k = V_k exp(-i pi k / 2n),
     X_k = Re Z_k for k <= n/2 and X_{n-k} = -Im Z_k: the half spectrum gives every coefficient. Four passes: the
     reordering gather, the FFT, the twiddle product and one gather of the coefficients out of i Z (20-25 %
-    faster than copying real and flipped, negated imaginary parts separately).
+    faster than copying real and flipped, negated imaginary parts separately). On CPU, inputs above
+    FFT_CHUNK_ELEMS go through in row chunks, so the passes work in cache (2x faster at 2048 x 2048 and up); every
+    row is transformed alone, so chunking does not change a bit.
     """
     n = x.shape[-1]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -99,9 +104,16 @@ def dct_rows_fft(x: Tensor) -> Tensor:
     rows = x2.shape[0]
     if rows == 0:  # MKL's FFT rejects an empty batch
         return x.clone()
-    v = torch.gather(x2, 1, perm.expand(rows, n))
-    iz = torch.fft.rfft(v, dim=-1).mul_(twiddle)
-    out = torch.gather(torch.view_as_real(iz).view(rows, -1), 1, take.expand(rows, n))
+    chunk = rows
+    if x2.device.type == "cpu" and not torch.compiler.is_compiling():
+        chunk = max(1, FFT_CHUNK_ELEMS // n)
+    out = torch.empty_like(x2)
+    for start in range(0, rows, chunk):
+        xs = x2[start:start + chunk]
+        part = xs.shape[0]
+        v = torch.gather(xs, 1, perm.expand(part, n))
+        iz = torch.fft.rfft(v, dim=-1).mul_(twiddle)
+        torch.gather(torch.view_as_real(iz).view(part, -1), 1, take.expand(part, n), out=out[start:start + chunk])
     return out.view(x.shape).to(x.dtype)
 
 

@@ -66,6 +66,20 @@ def test_dct_rows_fft_compiles_whole_and_matches_eager():
     assert B.dct_rows_fft(torch.zeros(0, 9)).shape == (0, 9)
 
 
+@pytest.mark.parametrize("n", [5, 384, B.FFT_MIN_SIZE + 1])
+def test_dct_rows_fft_in_row_chunks_changes_no_bit(n, monkeypatch):
+    """On CPU large inputs go through in row chunks (FFT_CHUNK_ELEMS); each row is transformed alone, so the
+    result is bit-identical to one whole pass and still equals x @ D."""
+    x = torch.randn(23, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    whole = B.dct_rows_fft(x)
+    monkeypatch.setattr(B, "FFT_CHUNK_ELEMS", 4 * n)  # chunks of 4 rows, the last one of 3
+    chunked = B.dct_rows_fft(x)
+    assert torch.equal(chunked, whole)
+    torch.testing.assert_close(chunked, x @ B.dct_matrix(n, torch.float64), rtol=0, atol=1e-12)
+    monkeypatch.setattr(B, "FFT_CHUNK_ELEMS", 1)  # fewer elements than a row: one row per chunk
+    assert torch.equal(B.dct_rows_fft(x[:3]), whole[:3])
+
+
 def test_use_fft_rule():
     """FFT from FFT_MIN_SIZE for every size; below it only for smooth sizes (all prime factors <= 13) from
     SMOOTH_FFT_MIN_SIZE, where tools/fft_threshold.py measured the FFT faster; primes there stay on matmul."""
