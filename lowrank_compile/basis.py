@@ -18,11 +18,12 @@ __all__ = ["dct_matrix", "random_orthonormal_matrix", "use_fft", "dct_rows", "dc
            "gather_columns", "transform_rows"]
 
 # Rows of x @ D by FFT (Makhoul) instead of matmul: from SMOOTH_FFT_MIN_SIZE on for sizes whose prime factors are
-# in _SMOOTH_PRIMES (what MKL's FFT has fast radix kernels for), from FFT_MIN_SIZE on for every size. Measured
-# with tools/fft_threshold.py (2-core CPU, fp32, torch 2.13, T = 512-4096 rows): FFT / matmul 0.70-0.85 at n=192,
-# 0.49-0.59 at 256, 0.40 at 384, 0.27 at 512; but 1.1-1.7 at the primes 251 and 257, and 0.6-0.8 at 509.
+# all in _SMOOTH_PRIMES (what MKL's FFT has fast radix kernels for), from FFT_MIN_SIZE on for every size. Measured
+# with tools/fft_threshold.py (2-core CPU, fp32, torch 2.13, T = 512-4096 rows): FFT / matmul 0.8-1.7 at n=192,
+# 0.53-0.63 at 256, 0.43-0.47 at 384, 0.27-0.40 at 512; but 1.0-2.1 at the primes 251 and 257, 0.56-0.92 at 509. Inside
+# a whole exact refresh (projection.rank_r_grad, T = 1024) the FFT gained 7-23 % from n = 256 on and nothing at 192.
 FFT_MIN_SIZE = 512
-SMOOTH_FFT_MIN_SIZE = 192
+SMOOTH_FFT_MIN_SIZE = 256
 _SMOOTH_PRIMES = (2, 3, 5, 7, 11, 13)
 # Row chunks of the CPU FFT transform: 2^20 elements (4 MiB of fp32 input) per chunk. At 2048 x 2048 and
 # 4096 x 4096 chunks of 2^18-2^20 elements halved the time against one whole pass; 2^16 lost some of it.

@@ -84,10 +84,10 @@ def test_use_fft_rule():
     """FFT from FFT_MIN_SIZE for every size; below it only for smooth sizes (all prime factors <= 13) from
     SMOOTH_FFT_MIN_SIZE, where tools/fft_threshold.py measured the FFT faster; primes there stay on matmul."""
     assert B.SMOOTH_FFT_MIN_SIZE < B.FFT_MIN_SIZE
-    smooth = [B.SMOOTH_FFT_MIN_SIZE, 256, 320, 352, 384, 416, 448, 480]
+    smooth = [B.SMOOTH_FFT_MIN_SIZE, 320, 352, 384, 416, 448, 480]
     rough = [251, 257, 263, 2 * 127, 17 * 19, B.FFT_MIN_SIZE - 3]  # a prime factor > 13
     assert all(B.use_fft(n) for n in smooth + [B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 1, 521, 2 * B.FFT_MIN_SIZE])
-    assert not any(B.use_fft(n) for n in rough + [1, 2, 64, 128, B.SMOOTH_FFT_MIN_SIZE - 1])
+    assert not any(B.use_fft(n) for n in rough + [1, 2, 64, 128, 192, B.SMOOTH_FFT_MIN_SIZE - 1])
 
 
 @pytest.mark.parametrize("n", [7, 128, 257, 384, B.FFT_MIN_SIZE - 1, B.FFT_MIN_SIZE, B.FFT_MIN_SIZE + 3])
