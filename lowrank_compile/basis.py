@@ -108,14 +108,20 @@ def dct_rows_fft(x: Tensor) -> Tensor:
     chunk = rows
     if x2.device.type == "cpu" and not torch.compiler.is_compiling():
         chunk = max(1, FFT_CHUNK_ELEMS // n)
-    out = torch.empty_like(x2)
-    for start in range(0, rows, chunk):
-        xs = x2[start:start + chunk]
-        part = xs.shape[0]
-        v = torch.gather(xs, 1, perm.expand(part, n))
-        iz = torch.fft.rfft(v, dim=-1).mul_(twiddle)
-        torch.gather(torch.view_as_real(iz).view(part, -1), 1, take.expand(part, n), out=out[start:start + chunk])
+    if chunk >= rows:
+        out = _dct_rows_fft_2d(x2, perm, twiddle, take)
+    else:
+        out = torch.empty_like(x2)
+        for start in range(0, rows, chunk):  # the copy of a chunk's result runs in cache
+            out[start:start + chunk] = _dct_rows_fft_2d(x2[start:start + chunk], perm, twiddle, take)
     return out.view(x.shape).to(x.dtype)
+
+
+def _dct_rows_fft_2d(x2: Tensor, perm: Tensor, twiddle: Tensor, take: Tensor) -> Tensor:
+    rows, n = x2.shape
+    v = torch.gather(x2, 1, perm.expand(rows, n))
+    iz = torch.fft.rfft(v, dim=-1).mul_(twiddle)
+    return torch.gather(torch.view_as_real(iz).view(rows, -1), 1, take.expand(rows, n))
 
 
 def use_fft(n: int) -> bool:

@@ -80,6 +80,14 @@ def test_dct_rows_fft_in_row_chunks_changes_no_bit(n, monkeypatch):
     assert torch.equal(B.dct_rows_fft(x[:3]), whole[:3])
 
 
+def test_dct_rows_fft_is_differentiable_whole_and_in_chunks(monkeypatch):
+    """Autograd goes through the transform (a double backward through a projected layer would need it)."""
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    assert torch.autograd.gradcheck(B.dct_rows_fft, (x,))
+    monkeypatch.setattr(B, "FFT_CHUNK_ELEMS", 18)
+    assert torch.autograd.gradcheck(B.dct_rows_fft, (x,))
+
+
 def test_use_fft_rule():
     """FFT from FFT_MIN_SIZE for every size; below it only for smooth sizes (all prime factors <= 13) from
     SMOOTH_FFT_MIN_SIZE, where tools/fft_threshold.py measured the FFT faster; primes there stay on matmul."""
