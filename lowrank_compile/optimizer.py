@@ -25,7 +25,7 @@ from torch import Tensor
 from . import quant
 from .config import STATE_POLICIES
 from .projection import LowRankLinear, RefreshControl
-from .update import adamw_, compiled, lowrank_adamw_, moments_direction
+from .update import adamw_, compiled, lowrank_adamw_, match_slots, matched, moments_direction
 
 __all__ = ["LowRankAdamW", "remap_states"]
 
@@ -38,14 +38,9 @@ def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: in
 
     old_idx, new_idx: (r,) int64. dim: the rank dimension of the states (1 right, 0 left). In place.
     """
-    same = new_idx[:, None] == old_idx[None, :]  # (r_new, r_old): a 0/1 matching, since D is orthonormal
-    src = same.to(torch.int8).argmax(dim=1)
-    kept = same.any(dim=1)
+    src, kept = match_slots(old_idx, new_idx)
     for s in states:
-        moved = quant.dequantize(s).index_select(dim, src)
-        shape = [1, 1]
-        shape[dim] = -1
-        s.copy_(moved * kept.view(shape).to(moved.dtype))
+        s.copy_(matched(quant.dequantize(s), src, kept, dim))
 
 
 def _row_chunks(tensors: tuple[Tensor, ...], max_elems: int, block: int = 1):
@@ -122,6 +117,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._accumulate = accumulate
         self._micro_steps = 0
         self._fused_counts: dict[Tensor, int] = {}
+        self._pending_match: dict[Tensor, tuple[Tensor, Tensor, int]] = {}  # set by a refresh, used by its update
         self._clip_per_tensor = clip_per_tensor
         self._compile_step = bool(compile_step)
         # torchao-quantised states are updated by a compiled function unless compile_step=False: eager, their
@@ -252,7 +248,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                 layer = self._layers[p]
                 state["indices" if layer.lowrank_spec.basis != "svd" else "basis"] = layer.selection().clone()
         elif group["lowrank"] and self._layers[p]._lowrank_refreshed:
-            self._follow_refresh(state, self._layers[p], group["state_policy"])
+            self._follow_refresh(p, state, self._layers[p], group["state_policy"])
 
     def _batch_key(self, p: Tensor, group: dict) -> tuple | None:
         """Params with equal keys are updated by one call of a list function; None: update alone."""
@@ -300,20 +296,28 @@ class LowRankAdamW(torch.optim.Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         u = self._state_fn(moments_direction, state["exp_avg"])(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2,
-                                              group["eps"])
+                                              group["eps"], self._pending_match.pop(p, None))
         lr = group["lr"]
         _apply_back_projection(p, u, layer.columns(torch.float32 if p.dtype != torch.float64 else torch.float64),
                                spec.right, -lr * group["scale"], decay=1 - lr * group["weight_decay"],
                                generator=self._rounding_generator(p, group, state))
 
-    def _follow_refresh(self, state: dict, layer: LowRankLinear, policy: str) -> None:
-        """Bring the states of one layer into its newly selected basis (METHOD.md section 4)."""
+    def _follow_refresh(self, p: Tensor, state: dict, layer: LowRankLinear, policy: str) -> None:
+        """Bring the states of one layer into its newly selected basis (METHOD.md section 4).
+
+        "match" on quantised states is left to the update that follows (_step_lowrank), which moves the decoded
+        states before the Adam step: one decode and one encode per step instead of two.
+        """
         moments = [state["exp_avg"], state["exp_avg_sq"]]
         if policy == "reset":
             for s in moments:
                 quant.zero_(s)
         elif policy == "match":
-            self._state_fn(remap_states, moments[0])(moments, state["indices"], layer.selection(), dim=1 if layer.lowrank_spec.right else 0)
+            dim = 1 if layer.lowrank_spec.right else 0
+            if quant.is_quantized(moments[0]):
+                self._pending_match[p] = (*match_slots(state["indices"], layer.selection()), dim)
+            else:
+                remap_states(moments, state["indices"], layer.selection(), dim)
         elif policy != "keep":
             raise ValueError(f"unknown state_policy {policy!r}; use one of {STATE_POLICIES}")
         key = "basis" if layer.lowrank_spec.basis == "svd" else "indices"

@@ -14,21 +14,41 @@ from torch import Tensor
 
 from . import quant
 
-__all__ = ["moments_direction", "lowrank_adamw_", "adamw_", "compiled"]
+__all__ = ["match_slots", "matched", "moments_direction", "lowrank_adamw_", "adamw_", "compiled"]
 
 
-def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
-                      ) -> Tensor:
+def match_slots(old_idx: Tensor, new_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Policy "match": for each new slot, the old slot holding the same basis index (src) and whether one does.
+
+    old_idx, new_idx: (r,) int64. (new_idx[:, None] == old_idx[None, :]) is a 0/1 matching, since D is orthonormal.
+    """
+    same = new_idx[:, None] == old_idx[None, :]
+    return same.to(torch.int8).argmax(dim=1), same.any(dim=1)
+
+
+def matched(s: Tensor, src: Tensor, kept: Tensor, dim: int) -> Tensor:
+    """State values s (plain tensor) moved to the new slots along the rank dim: kept slots from src, new ones 0."""
+    shape = [1, 1]
+    shape[dim] = -1
+    return s.index_select(dim, src) * kept.view(shape).to(s.dtype)
+
+
+def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float,
+                      match: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
     """Update the moments m, v in place (after step has been advanced); return Adam's bias-corrected direction.
 
     Computed in fp32 (fp64 for fp64 states) whatever the states' storage: bf16 and torchao-quantised states are
     read into fp32 and written back. Written as the reference does, m / (sqrt(v) + eps sqrt(bc2)) scaled by
     sqrt(bc2) / bc1, which is algebraically (m / bc1) / (sqrt(v / bc2) + eps).
+    match: (src, kept, dim) from match_slots, to move the states to a refreshed selection first, in the same
+    pass: quantised states are then decoded and encoded once per step, not twice.
     """
     cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
     g = g.to(cdt)
     mf = quant.dequantize(m, cdt)
     vf = quant.dequantize(v, cdt)
+    if match is not None:
+        mf, vf = matched(mf, *match), matched(vf, *match)
     mf.mul_(beta1).add_(g, alpha=1 - beta1)
     vf.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if mf is not m:  # low-precision or quantised storage: write back

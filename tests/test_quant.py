@@ -22,6 +22,7 @@ from torch import nn
 
 import lowrank_compile as lrc
 from lowrank_compile import _torchao, quant
+from lowrank_compile.update import match_slots, matched
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops are far slower on 2 busy threads
@@ -149,6 +150,58 @@ def test_every_state_policy_runs_on_quantised_states(policy):
     got, opt = _train(_model(), 7, lr=1e-2, state_policy=policy, state_dtype="int8")
     assert all(torch.isfinite(w).all() for w in got)
     assert (got[0] - ref[0]).norm() < 0.3 * ref[0].norm()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_match_on_quantised_states_moves_the_decoded_states_in_the_update(fused):
+    """On a refresh step, "match" on int8 states runs inside the Adam update: the decoded states of the previous
+    selection move to their new slots (new slots start at 0), the moments update, and each state is encoded once.
+    Checked bit for bit against that computation done by hand (eager, compile_step=False), for a right- and a
+    left-projected layer."""
+    model = _model()
+    opt = lrc.wrap_model(model, rank=16, update_gap=1, state_dtype="int8", state_policy="match", fused=fused,
+                         compile_step=False, filter_fn=lambda m, fqn: fqn != "3", lr=1e-2)
+    layers = list(opt._layers.items())
+    expected = {}
+    for t in range(3):
+        gen = torch.Generator().manual_seed(t)
+        x, y = torch.randn(32, 64, generator=gen), torch.randn(32, 128, generator=gen)
+        before = {p: (quant.dequantize(opt.state[p]["exp_avg"]).clone(),
+                      quant.dequantize(opt.state[p]["exp_avg_sq"]).clone(),
+                      opt.state[p]["indices"].clone()) for p, _ in layers if p in opt.state}
+        if fused:  # the update runs in backward: capture each rank-r gradient as it completes
+            grads = {}
+            hooks = [layer.lowrank_grad.register_hook(lambda g, p=p: grads.__setitem__(p, g.clone()))
+                     for p, layer in layers]
+        (model(x) - y).square().mean().backward()
+        if not fused:
+            grads = {p: layer.lowrank_grad.grad.clone() for p, layer in layers}
+        else:
+            for h in hooks:
+                h.remove()
+        for p, layer in layers:
+            if p not in before:
+                continue
+            m, v, old = before[p]
+            src, kept = match_slots(old, layer.selection())
+            assert 0 < int(kept.sum()) < 16 or t == 0  # the selection did move
+            dim = 1 if layer.lowrank_spec.right else 0
+            m, v = matched(m, src, kept, dim), matched(v, src, kept, dim)
+            g = grads[p]
+            m.mul_(0.9).add_(g, alpha=0.1)
+            v.mul_(0.999).addcmul_(g, g, value=0.001)
+            expected[p] = []
+            for value, signed in ((m, True), (v, False)):
+                q = quant.new_state(value.shape, "int8", signed=signed, device="cpu")
+                q.copy_(value)
+                expected[p].append(quant.dequantize(q))
+        opt.step()
+        opt.zero_grad()
+        for p, (m, v) in expected.items():
+            assert torch.equal(quant.dequantize(opt.state[p]["exp_avg"]), m)
+            assert torch.equal(quant.dequantize(opt.state[p]["exp_avg_sq"]), v)
+        expected.clear()
+    assert not opt._pending_match
 
 
 def test_stochastic_rounding_is_unbiased_and_keyed():
