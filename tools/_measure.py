@@ -47,3 +47,18 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each fn, the calls taking turns (one of each per round) after `warmup` calls
+    of each, so that drifting load on a shared machine hits every fn alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -11,25 +11,15 @@ chosen from this table, so results are reproducible bit for bit.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from lowrank_compile.basis import FFT_MIN_SIZE, SMOOTH_FFT_MIN_SIZE, dct_matrix, dct_rows_fft, use_fft
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import interleaved_medians  # noqa: E402
 
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up: plans, caches, first-touch allocations
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+from lowrank_compile.basis import FFT_MIN_SIZE, SMOOTH_FFT_MIN_SIZE, dct_matrix, dct_rows_fft, use_fft  # noqa: E402
 
 
 def main(argv=None) -> None:

