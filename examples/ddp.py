@@ -82,12 +82,12 @@ def train(args, kind: str, text: torch.Tensor, rank: int) -> dict:
         else:
             net = lrd.prepare_ddp(model, opt, refresh_sync=args.refresh_sync, comm_hook=lrd.counting_allreduce_hook,
                                   comm_hook_state=counter)
-        reducer = opt._control.score_reducer
+        reducer = opt.refresh_control.score_reducer
     probe = SelectionProbe(model, args) if args.compare and kind == "lowrank" else None
     losses, start = [], time.perf_counter()
     for step, ids in enumerate(batches(text, args.steps, args.batch, rank, args.seed), start=1):
         if probe:
-            probe.arm(opt._control.refresh)
+            probe.arm(opt.refresh_control.refresh)
         loss = net(input_ids=ids, labels=ids).loss
         loss.backward()
         if probe:

@@ -59,7 +59,7 @@ def save_optimizer(opt, path: str | os.PathLike) -> None:
         lowrank_compile.save_optimizer(opt, "opt.safetensors")
         safetensors.torch.save_file(model.state_dict(), "model.safetensors")
     """
-    if getattr(opt, "_micro_steps", 0):
+    if opt.micro_step:
         raise RuntimeError("save_optimizer was called between the micro-batches of an accumulated step; save "
                            "after the step() that applies the update")
     tensors, meta = _flatten(opt)
@@ -79,7 +79,7 @@ def index_dtype(basis_size: int) -> torch.dtype:
 
 def _param_names(opt) -> list[str]:
     """One unique name per parameter, in param-group order: its fqn if wrap_model recorded it."""
-    recorded = getattr(opt, "param_names", {})
+    recorded = opt.param_names
     params = [p for g in opt.param_groups for p in g["params"]]
     names = [recorded.get(p, f"param.{i}") for i, p in enumerate(params)]
     if len(set(names)) != len(names):
@@ -88,8 +88,7 @@ def _param_names(opt) -> list[str]:
 
 
 def _state_dtype(opt) -> str:
-    config = getattr(opt, "config", None)
-    return config.state_dtype if config is not None else opt.param_groups[0]["state_dtype"]
+    return opt.config.state_dtype
 
 
 def _expected_kind(p: Tensor, shape, state_dtype: str) -> str:
@@ -104,7 +103,7 @@ def _layer_entries(opt) -> list[dict]:
     entries = []
     for gi, group in enumerate(opt.param_groups):
         for p in group["params"]:
-            layer = opt._layers.get(p) if group["lowrank"] else None
+            layer = opt.layers.get(p) if group["lowrank"] else None
             shape = quant.state_shape(opt, p)
             entry = {"name": next(names), "group": gi, "shape": list(p.shape), "dtype": str(p.dtype)[6:],
                      "projected": layer is not None, "state_shape": list(shape),
@@ -141,14 +140,12 @@ def _flatten(opt) -> tuple[dict[str, Tensor], dict]:
             own = _state_tensors(entry, state)
             entry["tensors"] = sorted(own)
             tensors.update(own)
-    config = getattr(opt, "config", None)
     meta = {
         "format_version": FORMAT_VERSION,
-        "global_step": opt._control.step,
+        "global_step": opt.global_step,
         "state_dtype": _state_dtype(opt),
-        "config": None if config is None else {k: _json_value(v, f"config.{k}")
-                                               for k, v in dataclasses.asdict(config).items()},
-        "update_gap": opt._control.update_gap,
+        "config": {k: _json_value(v, f"config.{k}") for k, v in opt.config.saved_items().items()},
+        "update_gap": opt.config.update_gap,
         "param_groups": [{k: _json_value(v, f"param_groups[{gi}][{k!r}]") for k, v in group.items() if k != "params"}
                          for gi, group in enumerate(opt.param_groups)],
         "layers": entries,
@@ -298,13 +295,11 @@ def _validate(opt, meta: dict, tensors: dict[str, Tensor]) -> None:
     """Raise CheckpointError listing every difference between the checkpoint and this optimizer."""
     problems: list[str] = []
     _compare(problems, "state_dtype", meta.get("state_dtype"), _state_dtype(opt))
-    config = getattr(opt, "config", None)
     saved_config = meta.get("config") or {}
-    if config is not None:
-        for key in _CONFIG_KEYS:
-            if key in saved_config:
-                _compare(problems, key, saved_config[key], getattr(config, key))
-    _compare(problems, "update_gap", meta.get("update_gap"), opt._control.update_gap)
+    for key in _CONFIG_KEYS:
+        if key in saved_config:
+            _compare(problems, key, saved_config[key], getattr(opt.config, key))
+    _compare(problems, "update_gap", meta.get("update_gap"), opt.config.update_gap)
     saved_groups = meta.get("param_groups", [])
     if len(saved_groups) != len(opt.param_groups):
         problems.append(f"param groups: checkpoint has {len(saved_groups)}, this optimizer {len(opt.param_groups)}")
@@ -415,18 +410,13 @@ def load_optimizer(opt, path: str | os.PathLike) -> None:
         opt.state.pop(p, None)
     for p, state in new_states.items():
         opt.state[p] = state
-    for p, layer in opt._layers.items():
-        if p in new_states:
-            layer.selection().copy_(new_states[p]["basis" if "basis" in new_states[p] else "indices"])
-        # a layer without saved state selects its basis from its first gradient (projection.RefreshControl)
-        layer._lowrank_selected = p in new_states
     for group, values in zip(opt.param_groups, hyper):
         for k, v in values.items():
             if isinstance(group.get(k), Tensor):
                 group[k].fill_(v)
             else:
                 group[k] = v
-    opt._control.set_step(int(meta["global_step"]))
+    opt.restore_after_load(int(meta["global_step"]))
 
 
 def _restored_group_values(saved: dict, group: dict) -> dict:

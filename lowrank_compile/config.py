@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Callable, Mapping
 
-__all__ = ["LowRankConfig", "BASES", "NORMS", "STATE_POLICIES", "STATE_DTYPES", "DEFAULT_UPDATE_GAP"]
+__all__ = ["LowRankConfig", "BASES", "NORMS", "STATE_POLICIES", "STATE_DTYPES", "REFRESH_SYNC_MODES",
+           "DEFAULT_UPDATE_GAP", "check_rank", "resolve_rank"]
 
 BASES = ("dct", "svd", "random")
 NORMS = ("l1", "l2")
 STATE_POLICIES = ("match", "keep", "reset")
-STATE_DTYPES = ("fp32", "bf16", "int8", "int4", "fp8")
-IMPLEMENTED_STATE_DTYPES = STATE_DTYPES  # "int8" | "int4" | "fp8": torchao subclasses (quant.py)
+STATE_DTYPES = ("fp32", "bf16", "int8", "int4", "fp8")  # "int8" | "int4" | "fp8": torchao subclasses (quant.py)
+# How the processes of a data-parallel job agree on a refresh (lowrank_compile.distributed); "auto" picks.
+REFRESH_SYNC_MODES = ("exact", "cheap", "local")
 
 # Refresh every step, as the paper does. Measured (docs/BENCHMARKS.md, tools/convergence.py: LLaMA hidden 128 on
 # the bundled corpus, rank 32, each at its best lr), held-out loss: gap 1 2.275, gap 10 2.334, gap 50 2.385,
@@ -24,7 +27,9 @@ DEFAULT_STATE_POLICY = "match"
 
 @dataclasses.dataclass(frozen=True)
 class LowRankConfig:
-    """Options of :func:`lowrank_compile.wrap_model` (see there); validated on construction."""
+    """Every option of :func:`lowrank_compile.wrap_model` (see there for what each means), defined, defaulted and
+    validated here once. wrap_model builds one and hands it to the optimizer (``opt.config``); checkpoints record
+    it. Adding an option is a field here, its check in __post_init__, and the code that uses it."""
 
     rank: int | float = 128
     lr: float = 1e-3
@@ -36,41 +41,73 @@ class LowRankConfig:
     norm: str = "l1"
     state_policy: str = DEFAULT_STATE_POLICY
     state_dtype: str = "fp32"
+    filter_fn: Callable | None = dataclasses.field(default=None, compare=False, metadata={"saved": False})
     fused: bool = False
     scale: float = 1.0
     layer_rank: tuple[tuple[str, int | float], ...] = ()
     decay_all: bool = False
+    accumulate: int = 1
+    compile_step: bool | None = None
+    sketch_rows: int = 0
+    seed: int = 0
+    clip_per_tensor: float | None = None
     stochastic_round: bool = True
+    refresh_sync: str = "auto"
 
     def __post_init__(self):
+        # normalise the forms wrap_model accepts: a betas list, a layer_rank mapping
+        if isinstance(self.layer_rank, Mapping):
+            object.__setattr__(self, "layer_rank", tuple(self.layer_rank.items()))
+        elif self.layer_rank is None:
+            object.__setattr__(self, "layer_rank", ())
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
         check_rank(self.rank, "rank")
         for pattern, r in self.layer_rank:
             check_rank(r, f"layer_rank[{pattern!r}]")
-        if isinstance(self.update_gap, bool) or not isinstance(self.update_gap, numbers.Integral) or self.update_gap < 1:
-            raise ValueError(f"update_gap must be an int >= 1, got {self.update_gap!r}; use 1 to refresh the basis "
-                             "every step")
+        _check_int("update_gap", self.update_gap, 1, "use 1 to refresh the basis every step")
+        _check_int("accumulate", self.accumulate, 1, "micro-batches per step")
+        _check_int("sketch_rows", self.sketch_rows, 0, "0: exact scores")
+        _check_int("seed", self.seed, 0, "any int >= 0")
         _check_choice("basis", self.basis, BASES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("state_policy", self.state_policy, STATE_POLICIES)
         _check_choice("state_dtype", self.state_dtype, STATE_DTYPES)
-        if self.state_dtype not in IMPLEMENTED_STATE_DTYPES:
-            raise NotImplementedError(f"state_dtype={self.state_dtype!r} (torchao-quantised states) is not available "
-                                      f"yet; use one of {IMPLEMENTED_STATE_DTYPES}")
+        if self.refresh_sync != "auto" and self.refresh_sync not in REFRESH_SYNC_MODES:
+            raise ValueError(f"refresh_sync must be 'auto' or one of {REFRESH_SYNC_MODES}, got {self.refresh_sync!r}; "
+                             "'auto' agrees on refreshes whenever torch.distributed runs more than one process")
         if self.basis == "svd" and self.state_policy == "match":
             raise ValueError("state_policy='match' has no meaning for basis='svd' (its singular vectors are not "
                              "shared between refreshes); use 'keep' or 'reset'")
+        if self.sketch_rows and self.basis == "svd":
+            raise ValueError("sketch_rows applies to basis='dct' or 'random'; basis='svd' takes an SVD of the full "
+                             "gradient")
         if not (isinstance(self.lr, numbers.Real) and self.lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {self.lr!r}")
         if not (isinstance(self.eps, numbers.Real) and self.eps >= 0):
             raise ValueError(f"eps must be a number >= 0, got {self.eps!r}")
         if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if len(self.betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas):
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2
+                and all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not isinstance(self.stochastic_round, bool):
-            raise ValueError(f"stochastic_round must be True or False, got {self.stochastic_round!r}")
+        for name in ("stochastic_round", "fused", "decay_all"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compile_step not in (None, True, False):
+            raise ValueError(f"compile_step must be None, True or False, got {self.compile_step!r}")
         if not isinstance(self.scale, numbers.Real):
             raise ValueError(f"scale must be a number, got {self.scale!r}")
+        if self.clip_per_tensor is not None and not (
+                isinstance(self.clip_per_tensor, numbers.Real) and not isinstance(self.clip_per_tensor, bool)
+                and self.clip_per_tensor > 0):
+            raise ValueError(f"clip_per_tensor must be a number > 0 or None, got {self.clip_per_tensor!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ValueError(f"filter_fn must be a callable (module, fqn) -> bool or None, got {self.filter_fn!r}")
+
+    def saved_items(self) -> dict:
+        """The options a checkpoint records (everything but callables such as filter_fn)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("saved", True)}
 
 
 def check_rank(rank, what: str) -> None:
@@ -98,3 +135,8 @@ def resolve_rank(rank: int | float, basis_size: int) -> int:
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _check_int(name: str, value, low: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r} ({hint})")

@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .config import REFRESH_SYNC_MODES
 from .projection import CARRIER, INDEX, SVD_BASIS, LowRankLinear, RefreshControl
 from .selection import (SCORE_BLOCK, _block_for, _left_rows, _right_rows, _sketch_norm, left_scores, p_norms,
                         right_scores)
@@ -67,12 +68,11 @@ __all__ = ["REFRESH_SYNC_MODES", "DEFAULT_REFRESH_SYNC", "RefreshReducer", "sync
 
 logger = logging.getLogger(__name__)
 
-REFRESH_SYNC_MODES = ("exact", "cheap", "local")
 # "exact" by default: it keeps DDP's contract that N processes train the model one process would train on
 # the concatenated batch (tests/test_distributed.py: same selections, weights equal to 1e-16 in fp64), and on
 # a small LLaMA its selections kept more of the global gradient's energy than "cheap" (0.769 vs 0.756 with 2
 # processes, 0.773 vs 0.745 with 4; docs/DISTRIBUTED.md). Its price, a full gradient's worth of all-reduce
-# per refresh (k * n with sketch_rows=k), is paid once per update_gap steps: at the default gap of 10 the
+# per refresh (k * n with sketch_rows=k), is paid once per update_gap steps: at update_gap 10 the
 # total traffic was 0.45 of DDP with AdamW's (0.34 with "cheap"). Refreshing every step without a sketch,
 # exact costs more than AdamW's traffic; use "cheap" or sketch_rows there.
 DEFAULT_REFRESH_SYNC = "exact"
@@ -195,7 +195,7 @@ class RefreshReducer:
 def _control_of(opt_or_control) -> RefreshControl:
     if isinstance(opt_or_control, RefreshControl):
         return opt_or_control
-    control = getattr(opt_or_control, "_control", None)
+    control = getattr(opt_or_control, "refresh_control", None)
     if not isinstance(control, RefreshControl):
         raise TypeError(f"expected the optimizer returned by lowrank_compile.wrap_model (or its RefreshControl), "
                         f"got {type(opt_or_control).__name__}")
@@ -262,18 +262,12 @@ def attach(opt, refresh_sync: str = "auto") -> None:
     if multi:
         logger.info("lowrank_compile: %d processes; refreshes select columns %s", dist.get_world_size(),
                     "independently per process" if mode == "local" else f"from agreed scores ({mode!r})")
-    if multi and mode != "local" and opt._fused:
-        control = opt._control
+    if multi and mode != "local" and opt.fused:
+        control = opt.refresh_control
         for handle in control.hooks:
             handle.remove()
         control.hooks[:] = [target.register_post_accumulate_grad_hook(_refuse_unreduced_update)
                             for target, _, _ in _hook_targets(opt)]
-
-
-def check_refresh_sync(refresh_sync) -> None:
-    if refresh_sync != "auto" and refresh_sync not in REFRESH_SYNC_MODES:
-        raise ValueError(f"refresh_sync must be 'auto' or one of {REFRESH_SYNC_MODES}, got {refresh_sync!r}; "
-                         "'auto' agrees on refreshes whenever torch.distributed runs more than one process")
 
 
 # -- DDP ------------------------------------------------------------------------------------------------------
@@ -287,7 +281,7 @@ class _FusedState:
     opt: object
     hook: Callable
     hook_state: object
-    owners: dict = dataclasses.field(default_factory=dict)  # DDP param -> (param group, optimizer param)
+    owners: dict = dataclasses.field(default_factory=dict)  # DDP param -> optimizer param
 
 
 def _fused_update_hook(state: _FusedState, bucket):  # no annotations: DDP checks them as objects
@@ -305,17 +299,15 @@ def _fused_update_hook(state: _FusedState, bucket):  # no annotations: DDP check
         if result.data_ptr() != buffer.data_ptr():
             buffer.copy_(result)
         opt = state.opt
-        if opt._micro_steps != opt._accumulate - 1:
+        if opt.micro_step != opt.accumulate - 1:
             return buffer
-        batches: dict[int, tuple[dict, list[Tensor]]] = {}
+        params = []
         for grad, param in zip(bucket.gradients(), bucket.parameters()):
-            group, p = state.owners[param]
             if param.grad is None or param.grad.data_ptr() != grad.data_ptr():
                 param.grad = grad  # the reduced gradient (a view of the bucket)
-            batches.setdefault(id(group), (group, []))[1].append(p)
+            params.append(state.owners[param])
         with torch.no_grad():  # runs on the communication thread: grad mode is per thread
-            for group, params in batches.values():
-                opt._update(group, params)
+            opt.update_now(params)
         return buffer
 
     return fut.then(update)
@@ -360,7 +352,7 @@ def prepare_ddp(model: nn.Module, opt, *, refresh_sync: str | None = None, comm_
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     ignored += [name for name in _lowrank_buffer_names(model) if name not in ignored]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    fused = opt._fused
+    fused = opt.fused
     if fused:
         if ddp_kwargs.get("gradient_as_bucket_view") is False:
             raise ValueError("prepare_ddp with fused=True updates from the reduced buckets; leave "
@@ -377,8 +369,8 @@ def prepare_ddp(model: nn.Module, opt, *, refresh_sync: str | None = None, comm_
         handle.remove()
     control.hooks.clear()
     state = _FusedState(opt, comm_hook, comm_hook_state)
-    for target, pgroup, p in _hook_targets(opt):
-        state.owners[target] = (pgroup, p)
+    for target, _, p in _hook_targets(opt):
+        state.owners[target] = p
     ddp.register_comm_hook(state, _fused_update_hook)
     ddp.register_forward_pre_hook(functools.partial(_clear_stale_grads, opt=opt))
     return ddp
@@ -386,7 +378,7 @@ def prepare_ddp(model: nn.Module, opt, *, refresh_sync: str | None = None, comm_
 
 def _clear_stale_grads(module, args, *, opt) -> None:
     """fused DDP: gradients of the last step stay in DDP's buckets until the next step's first forward."""
-    if torch.is_grad_enabled() and opt._micro_steps == 0:
+    if torch.is_grad_enabled() and opt.micro_step == 0:
         opt.zero_grad(set_to_none=True)
 
 
@@ -457,7 +449,7 @@ def _hook_unsharded_carrier(layer: LowRankLinear, args) -> None:
     hooked = layer.__dict__.setdefault("_lowrank_fsdp_hooked", set())
     if id(carrier) not in hooked:
         hooked.add(id(carrier))
-        carrier.register_post_accumulate_grad_hook(layer._lowrank_grad_ready)
+        carrier.register_post_accumulate_grad_hook(layer.note_grad_ready)
 
 
 class _FsdpGrads:
@@ -476,7 +468,7 @@ class _FsdpGrads:
 
     def before_step(self, opt, args, kwargs) -> None:
         self.after_step(opt, args, kwargs)
-        if opt._micro_steps + 1 < opt._accumulate:
+        if opt.micro_step + 1 < opt.accumulate:
             return  # this step() call only counts a micro-batch
         for slot in self.slots:
             sharded = slot.module._parameters[slot.name]
@@ -498,20 +490,7 @@ class _FsdpGrads:
                 slot.layer.__dict__.pop(CARRIER, None)
 
     def _rebind(self, slot: _FsdpSlot, local: Tensor) -> None:
-        opt = self.opt
-        old = slot.group["params"][slot.index]
-        if old is local:
-            return
-        slot.group["params"][slot.index] = local
-        if old in opt.state:
-            opt.state[local] = opt.state.pop(old)
-        if slot.layer is not None:
-            opt._layers.pop(old, None)
-            opt._layers[local] = slot.layer
-        names = getattr(opt, "param_names", None)
-        if names is not None:
-            names[local] = names.pop(old, f"{slot.name}")
-        opt.__dict__.pop("_param_index", None)
+        self.opt.rebind_param(slot.group["params"][slot.index], local)
 
 
 def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), mesh=None,
@@ -539,7 +518,7 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
     """
     from torch.distributed.fsdp import fully_shard
 
-    if opt._fused:
+    if opt.fused:
         raise ValueError("fused=True is not supported with FSDP2: its gradients are reduce-scattered after each "
                          "unit's backward, outside the in-backward hooks. Wrap with fused=False (or use DDP "
                          "through lowrank_compile.distributed.prepare_ddp, which supports fused=True).")
@@ -551,12 +530,12 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
     group = mesh.get_group() if mesh is not None else None
     if refresh_sync is not None:
         sync_refreshes(opt, refresh_sync, group)
-    elif opt._control.score_reducer is None:
+    elif opt.refresh_control.score_reducer is None:
         sync_refreshes(opt, DEFAULT_REFRESH_SYNC, group)
     elif group is not None:
-        opt._control.score_reducer.group = group
+        opt.refresh_control.score_reducer.group = group
 
-    for layer in opt._control.layers:
+    for layer in opt.refresh_control.layers:
         layer.materialize_carrier()  # FSDP2 shards the carriers: they need real storage
     owners = {}  # id(param) -> (module, name), found before sharding replaces the parameters
     for module in model.modules():
@@ -577,7 +556,7 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
 
-    for layer in opt._control.layers:
+    for layer in opt.refresh_control.layers:
         layer.register_forward_pre_hook(_hook_unsharded_carrier)
     grads = _FsdpGrads(opt, slots)
     opt.register_step_pre_hook(grads.before_step)

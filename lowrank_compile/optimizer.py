@@ -16,74 +16,19 @@ AdamW with the same hyper-parameters. The class gathers; the functions below com
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable
+import types
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 from . import quant
-from .config import STATE_POLICIES
+from .config import LowRankConfig
 from .projection import LowRankLinear, RefreshControl
-from .update import adamw_, compiled, lowrank_adamw_, match_slots, matched, moments_direction
+from .update import (adamw_, adamw_chunked_, clip_tensor_norm_, compiled, lowrank_adamw_, match_slots,
+                     moments_direction, remap_states)
 
-__all__ = ["LowRankAdamW", "remap_states"]
-
-# Rows of a low-precision weight updated per chunk: bounds the fp32 temporary of the back-projection.
-_UPDATE_CHUNK_ELEMS = 1 << 22
-
-
-def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: int) -> None:
-    """Policy "match": move each kept index's state slice to its new slot, zero slices of new indices.
-
-    old_idx, new_idx: (r,) int64. dim: the rank dimension of the states (1 right, 0 left). In place.
-    """
-    src, kept = match_slots(old_idx, new_idx)
-    for s in states:
-        s.copy_(matched(quant.dequantize(s), src, kept, dim))
-
-
-def _row_chunks(tensors: tuple[Tensor, ...], max_elems: int, block: int = 1):
-    """Slices of tensors with the same rows along dim 0, each about max_elems elements of the first, holding
-    whole blocks of `block` elements (torchao's states slice only on their 256-element block boundaries)."""
-    first = tensors[0]
-    if first.ndim == 0 or first.numel() <= max_elems:
-        yield tensors
-        return
-    row = first.numel() // first.shape[0]
-    align = block // math.gcd(row, block)  # rows per chunk: a multiple of this keeps chunks block-aligned
-    rows = max(align, (max_elems // row) // align * align)
-    for start in range(0, first.shape[0], rows):
-        yield tuple(t[start:start + rows] for t in tensors)
-
-
-def _apply_back_projection(w: Tensor, u: Tensor, d_r: Tensor, right: bool, alpha: float, decay: float = 1.0,
-                           generator: torch.Generator | None = None) -> None:
-    """W = decay * W + alpha * back(u), in fp32, written into W without a full-size temporary for fp32.
-
-    Low-precision weights are computed in fp32 row chunks and rounded once when written back: bf16 weights
-    stochastically when a generator is given (quant.round_to_bf16), to nearest otherwise.
-    """
-    if w.dtype in (torch.float32, torch.float64):
-        if decay != 1.0:
-            w.mul_(decay)
-        u = u.to(w.dtype)
-        d_r = d_r.to(w.dtype)
-        if right:
-            w.addmm_(u, d_r.t(), alpha=alpha)  # (out, r) @ (r, in)
-        else:
-            w.addmm_(d_r, u, alpha=alpha)  # (out, r) @ (r, in)
-        return
-    for w_rows, factor in _row_chunks((w, u if right else d_r), _UPDATE_CHUNK_ELEMS):
-        delta = factor @ d_r.t() if right else factor @ u
-        new = w_rows.float().mul_(decay).add_(delta, alpha=alpha)  # decay in fp32: rounded alone, it is lost
-        w_rows.copy_(quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype))
-
-
-def clip_tensor_norm_(grad: Tensor, max_norm: float) -> None:
-    """Scale one gradient in place so its 2-norm is at most max_norm (torch's clip_grad_norm_ rule)."""
-    norm = torch.linalg.vector_norm(grad.float())
-    grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grad.dtype))
+__all__ = ["LowRankAdamW"]
 
 
 def _allow_recompiles(graphs: int) -> None:
@@ -98,72 +43,159 @@ def _allow_recompiles(graphs: int) -> None:
 class LowRankAdamW(torch.optim.Optimizer):
     """One optimizer for a wrapped model: low-rank Adam for projected weights, AdamW for the rest.
 
-    Made by :func:`lowrank_compile.wrap_model`; see its docstring for the arguments. Param groups carry a
-    ``"lowrank"`` flag; groups with it hold projected weights, whose gradients are read from their
-    layer's ``lowrank_grad`` carrier. ``state_dict()`` adds the global step counter.
+    Made by :func:`lowrank_compile.wrap_model` from a :class:`LowRankConfig`; see wrap_model for the options.
+    Param groups carry a ``"lowrank"`` flag; groups with it hold projected weights, whose gradients are read
+    from their layer's ``lowrank_grad`` carrier. ``state_dict()`` adds the global step counter.
+
+    Other modules (checkpoints, data-parallel wrappers) talk to it through its public interface only:
+    ``config``, ``refresh_control``, ``layers`` / ``layer_of``, ``param_names``, ``fused``, ``accumulate``,
+    ``micro_step``, ``global_step``, :meth:`update_now`, :meth:`rebind_param` and :meth:`restore_after_load`.
     """
 
-    def __init__(self, param_groups: list[dict], layers: dict[Tensor, LowRankLinear], control: RefreshControl, *,
-                 lr: float, betas: tuple[float, float], eps: float, weight_decay: float, scale: float,
-                 state_policy: str, state_dtype: str, fused: bool = False, accumulate: int = 1,
-                 compile_step: bool | None = None, stochastic_round: bool = True, seed: int = 0,
-                 clip_per_tensor: float | None = None):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale,
-                        state_policy=state_policy, state_dtype=state_dtype, lowrank=False,
-                        stochastic_round=stochastic_round, seed=seed)
-        self._layers = layers
+    def __init__(self, param_groups: list[dict], layers: Mapping[Tensor, LowRankLinear], control: RefreshControl,
+                 config: LowRankConfig, param_names: Mapping[Tensor, str] | None = None):
+        defaults = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+                        scale=config.scale, state_policy=config.state_policy, state_dtype=config.state_dtype,
+                        lowrank=False, stochastic_round=config.stochastic_round, seed=config.seed)
+        self._config = config
+        self._layers = dict(layers)
         self._control = control
-        self._fused = fused
-        self._accumulate = accumulate
+        self._names = dict(param_names or {})
         self._micro_steps = 0
         self._fused_counts: dict[Tensor, int] = {}
         self._pending_match: dict[Tensor, tuple[Tensor, Tensor, int]] = {}  # set by a refresh, used by its update
-        self._clip_per_tensor = clip_per_tensor
-        self._compile_step = bool(compile_step)
+        self._compile_step = bool(config.compile_step)
         # torchao-quantised states are updated by a compiled function unless compile_step=False: eager, their
         # codecs run a dozen full-size int64 passes per state and step (torchao compiles its own step too)
-        self._compile_quantized = compile_step is not False
+        self._compile_quantized = config.compile_step is not False
         super().__init__(param_groups, defaults)
-        if compile_step:
-            _allow_recompiles(len(param_groups) + len({(tuple(p.shape), p.dtype) for p in layers}))
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self._group_of: dict[Tensor, dict] = {}
+        self._counter_bases: dict[tuple[int, int], Tensor] = {}  # (seed, param index) -> quant.counter_base
+        self._index_groups()
+        if self._compile_step:
+            _allow_recompiles(2 * (len(self.param_groups) + len({(tuple(p.shape), p.dtype) for p in self._layers})))
         if self._compile_quantized and any(g["state_dtype"] in quant.QUANTIZED for g in self.param_groups):
-            shapes = {tuple(layers[p].lowrank_grad.shape) if g["lowrank"] else (tuple(p.shape), p.dtype)
+            shapes = {tuple(self._layers[p].lowrank_grad.shape) if g["lowrank"] else (tuple(p.shape), p.dtype)
                       for g in self.param_groups for p in g["params"]}
             _allow_recompiles(3 * len(shapes))  # each shape, and up to two row-chunk shapes of a large one
-        if fused:
+        if config.fused:
             self._register_fused_hooks()
+
+    # -- the public interface ------------------------------------------------------------------------
+    @property
+    def config(self) -> LowRankConfig:
+        """The options this optimizer (and its model's wrapping) was made with."""
+        return self._config
+
+    @property
+    def refresh_control(self) -> RefreshControl:
+        """The step counter and refresh schedule shared with the wrapped layers."""
+        return self._control
+
+    @property
+    def layers(self) -> Mapping[Tensor, LowRankLinear]:
+        """Projected weight -> its LowRankLinear, read-only."""
+        return types.MappingProxyType(self._layers)
+
+    def layer_of(self, p: Tensor) -> LowRankLinear:
+        return self._layers[p]
+
+    @property
+    def param_names(self) -> Mapping[Tensor, str]:
+        """Parameter -> its fqn in the wrapped model (checkpoints name states by it), read-only."""
+        return types.MappingProxyType(self._names)
+
+    @property
+    def fused(self) -> bool:
+        """Whether updates run inside backward (config.fused)."""
+        return self._config.fused
+
+    @property
+    def accumulate(self) -> int:
+        """Micro-batches per optimizer step (config.accumulate)."""
+        return self._config.accumulate
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-batches of the current accumulated step already counted by step(): 0 .. accumulate - 1.
+
+        0 between steps; the coming step() call updates when ``micro_step == accumulate - 1``.
+        """
+        return self._micro_steps
+
+    @property
+    def global_step(self) -> int:
+        """Completed optimizer steps; the next step is global_step + 1."""
+        return self._control.step
+
+    @torch.no_grad()
+    def update_now(self, params: Iterable[Tensor]) -> None:
+        """Update these parameters from their present gradients, now (e.g. from a DDP communication hook once
+        their bucket is reduced). Projected weights read their layer's rank-r gradient."""
+        by_group: dict[int, tuple[dict, list[Tensor]]] = {}
+        for p in params:
+            group = self._group_of[p]
+            by_group.setdefault(id(group), (group, []))[1].append(p)
+        for group, ps in by_group.values():
+            self._update(group, ps)
+
+    def rebind_param(self, old: Tensor, new: Tensor) -> None:
+        """Replace parameter `old` by the tensor `new` (FSDP2 swapping in a local shard): its param-group slot,
+        states, layer and name follow."""
+        if old is new:
+            return
+        group = self._group_of.pop(old)
+        params = group["params"]
+        params[next(i for i, q in enumerate(params) if q is old)] = new
+        self._group_of[new] = group
+        if old in self.state:
+            self.state[new] = self.state.pop(old)
+        if old in self._layers:
+            self._layers[new] = self._layers.pop(old)
+        if old in self._names:
+            self._names[new] = self._names.pop(old)
+        self._index[new] = self._index.pop(old)
+
+    def restore_after_load(self, global_step: int) -> None:
+        """After states were loaded: each projected layer takes the selection saved in its state, and a layer
+        without saved state counts as unselected (it selects from its first gradient); then the step counter.
+        The one rule for every loader (load_state_dict, load_optimizer)."""
+        for p, layer in self._layers.items():
+            state = self.state.get(p)
+            layer.restore_selection(state[self._selection_key(layer)] if state else None)
+        self._control.set_step(int(global_step))
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _index_groups(self) -> None:
+        """param -> its group dict (load_state_dict replaces the group dicts: re-run after it)."""
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
     def _register_fused_hooks(self) -> None:
         """fused=True: update each parameter inside backward as soon as its gradient is complete."""
         for group in self.param_groups:
             for p in group["params"]:
                 target = self._layers[p].lowrank_grad if group["lowrank"] else p
-                handle = target.register_post_accumulate_grad_hook(
-                    functools.partial(self._fused_hook, param=p, group=group))
+                handle = target.register_post_accumulate_grad_hook(functools.partial(self._fused_hook, param=p))
                 self._control.hooks.append(handle)
 
     @torch.no_grad()
-    def _fused_hook(self, grad_holder: Tensor, *, param: Tensor, group: dict) -> None:
+    def _fused_hook(self, grad_holder: Tensor, *, param: Tensor) -> None:
         count = self._fused_counts.get(param, 0) + 1
-        if count < self._accumulate:
+        if count < self.accumulate:
             self._fused_counts[param] = count
             return
         self._fused_counts[param] = 0
-        self._update(group, [param])
+        self._update(self._group_of[param], [param])
         grad_holder.grad = None
 
-    # -- bookkeeping -------------------------------------------------------------------------------
-    @property
-    def global_step(self) -> int:
-        """Completed optimizer steps; the next step is global_step + 1."""
-        return self._control.step
-
-    def layer_of(self, p: Tensor) -> LowRankLinear:
-        return self._layers[p]
+    @staticmethod
+    def _selection_key(layer: LowRankLinear) -> str:
+        return "basis" if layer.lowrank_spec.basis == "svd" else "indices"
 
     def _check_wrapped(self) -> None:
         for layer in self._layers.values():
-            if not isinstance(layer, LowRankLinear) or layer._lowrank_control is not self._control:
+            if not isinstance(layer, LowRankLinear) or layer.refresh_control is not self._control:
                 raise RuntimeError(
                     "this optimizer's model was unwrapped (lowrank_compile.unwrap_model) or wrapped again; "
                     "it can no longer step. Call lowrank_compile.wrap_model(model, ...) for a fresh optimizer."
@@ -175,8 +207,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             return
         super().zero_grad(set_to_none=set_to_none)
         for layer in self._layers.values():
-            carrier = layer._parameters.get("lowrank_grad")
-            if carrier is not None and carrier.grad is not None:
+            carrier = layer.lowrank_grad
+            if carrier.grad is not None:
                 if set_to_none:
                     carrier.grad = None
                 else:
@@ -201,10 +233,10 @@ class LowRankAdamW(torch.optim.Optimizer):
                 loss = closure()
         self._check_wrapped()
         self._micro_steps += 1
-        if self._micro_steps < self._accumulate:
+        if self._micro_steps < self.accumulate:
             return loss
         self._micro_steps = 0
-        if not self._fused:
+        if not self.fused:
             for group in self.param_groups:
                 self._update(group, group["params"])
         self._control.advance()
@@ -217,12 +249,13 @@ class LowRankAdamW(torch.optim.Optimizer):
         """Update the params of one group that have a gradient: same-shape batches, then the rest one by one."""
         batches: dict[tuple, list[Tensor]] = {}
         singles = []
+        clip = self._config.clip_per_tensor
         for p in params:
             grad = self._grad(p, group)
             if grad is None:
                 continue
-            if self._clip_per_tensor is not None:
-                clip_tensor_norm_(grad, self._clip_per_tensor)
+            if clip is not None:
+                clip_tensor_norm_(grad, clip)
             self._prepare_state(p, group, grad)
             key = self._batch_key(p, group)
             if key is None:
@@ -246,8 +279,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = self._new_state(grad.shape, group, p, signed=False)
             if group["lowrank"]:
                 layer = self._layers[p]
-                state["indices" if layer.lowrank_spec.basis != "svd" else "basis"] = layer.selection().clone()
-        elif group["lowrank"] and self._layers[p]._lowrank_refreshed:
+                state[self._selection_key(layer)] = layer.selection().clone()
+        elif group["lowrank"] and self._layers[p].refreshed:
             self._follow_refresh(p, state, self._layers[p], group["state_policy"])
 
     def _batch_key(self, p: Tensor, group: dict) -> tuple | None:
@@ -261,21 +294,25 @@ class LowRankAdamW(torch.optim.Optimizer):
             return (tuple(p.shape), p.dtype, m.dtype, spec.right, spec.basis)
         return (tuple(p.shape), p.dtype, m.dtype)
 
-    def _update_batch(self, group: dict, params: list[Tensor]) -> None:
+    @staticmethod
+    def _hyper(group: dict) -> dict:
         beta1, beta2 = group["betas"]
+        return dict(lr=torch.tensor(group["lr"], dtype=torch.float64), weight_decay=group["weight_decay"],
+                    beta1=beta1, beta2=beta2, eps=group["eps"])
+
+    def _update_batch(self, group: dict, params: list[Tensor]) -> None:
+        """fp32/fp64 weights with plain states, one call (one compiled graph with compile_step) per shape group."""
         states = [self.state[p] for p in params]
-        lr = torch.tensor(group["lr"], dtype=torch.float64)
-        common = dict(lr=lr, weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"])
         moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
         if group["lowrank"]:
             layers = [self._layers[p] for p in params]
             fn = compiled(lowrank_adamw_) if self._compile_step else lowrank_adamw_
             fn(params, [layer.lowrank_grad.grad for layer in layers], *moments[:2],
                [layer.columns(params[0].dtype) for layer in layers], moments[2], scale=group["scale"],
-               right=layers[0].lowrank_spec.right, **common)
+               right=layers[0].lowrank_spec.right, **self._hyper(group))
         else:
             fn = compiled(adamw_) if self._compile_step else adamw_
-            fn(params, [p.grad for p in params], *moments, **common)
+            fn(params, [p.grad for p in params], *moments, **self._hyper(group))
 
     def _new_state(self, shape: torch.Size, group: dict, like: Tensor, signed: bool = True) -> Tensor:
         """A zero Adam moment of `shape` in the group's state_dtype ("fp32" means fp64 next to fp64 weights).
@@ -288,19 +325,22 @@ class LowRankAdamW(torch.optim.Optimizer):
         return quant.new_state(shape, group["state_dtype"], signed=signed, device=like.device)
 
     def _step_lowrank(self, p: Tensor, group: dict) -> None:
-        """One projected layer whose states are ready (low-precision weights or quantised states)."""
+        """One projected layer whose states are ready (low-precision weights or quantised states).
+
+        With compile_step=True the whole update (decode, moments, back-projection in the weight's dtype, decay,
+        stochastic rounding, encode) is one compiled graph per layer shape; otherwise only the state update of
+        quantised states is compiled (unless compile_step=False).
+        """
         layer = self._layers[p]
-        grad = layer.lowrank_grad.grad
-        spec = layer.lowrank_spec
         state = self.state[p]
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        u = self._state_fn(moments_direction, state["exp_avg"])(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], beta1, beta2,
-                                              group["eps"], self._pending_match.pop(p, None))
-        lr = group["lr"]
-        _apply_back_projection(p, u, layer.columns(torch.float32 if p.dtype != torch.float64 else torch.float64),
-                               spec.right, -lr * group["scale"], decay=1 - lr * group["weight_decay"],
-                               generator=self._rounding_generator(p, group, state))
+        whole = self._compile_step
+        direction = moments_direction if whole else self._state_fn(moments_direction, state["exp_avg"])
+        fn = compiled(lowrank_adamw_) if whole else functools.partial(lowrank_adamw_, direction=direction)
+        cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        fn([p], [layer.lowrank_grad.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [layer.columns(cdt)],
+           [state["step"]], scale=group["scale"], right=layer.lowrank_spec.right,
+           rounding=[self._rounding(p, group, state, whole)], match=[self._pending_match.pop(p, None)],
+           product_dtype=p.dtype if whole and p.dtype == torch.bfloat16 else None, **self._hyper(group))
 
     def _follow_refresh(self, p: Tensor, state: dict, layer: LowRankLinear, policy: str) -> None:
         """Bring the states of one layer into its newly selected basis (METHOD.md section 4).
@@ -318,32 +358,16 @@ class LowRankAdamW(torch.optim.Optimizer):
                 self._pending_match[p] = (*match_slots(state["indices"], layer.selection()), dim)
             else:
                 remap_states(moments, state["indices"], layer.selection(), dim)
-        elif policy != "keep":
-            raise ValueError(f"unknown state_policy {policy!r}; use one of {STATE_POLICIES}")
-        key = "basis" if layer.lowrank_spec.basis == "svd" else "indices"
-        state[key].copy_(layer.selection())
+        state[self._selection_key(layer)].copy_(layer.selection())
 
     def _step_plain(self, p: Tensor, group: dict) -> None:
-        """One plain parameter whose states are ready (low-precision weights or quantised states).
-
-        A large parameter (an embedding, an lm_head) is updated in row chunks, so its fp32 temporaries
-        (dequantised moments, the direction, the fp32 weight) never exist at full size.
-        """
+        """One plain parameter whose states are ready (low-precision weights or quantised states), in row
+        chunks (update.adamw_chunked_)."""
         state = self.state[p]
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
-        generator = None if p.dtype in (torch.float32, torch.float64) else self._rounding_generator(p, group, state)
-        tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-        for w, g, m, v in _row_chunks(tensors, _UPDATE_CHUNK_ELEMS, block=max(quant.BLOCK_SIZE.values())):
-            u = self._state_fn(moments_direction, m)(g, m, v, state["step"], beta1, beta2, group["eps"])
-            if w.dtype in (torch.float32, torch.float64):
-                if wd != 0:
-                    w.mul_(1 - lr * wd)
-                w.add_(u.to(w.dtype), alpha=-lr)
-            else:  # decay and update in fp32, rounded once (stochastically for bf16 unless switched off)
-                new = w.float().mul_(1 - lr * wd).sub_(u, alpha=lr)
-                w.copy_(quant.round_to_bf16(new, generator) if w.dtype == torch.bfloat16 else new.to(w.dtype))
+        h = self._hyper(group)
+        adamw_chunked_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                       h["weight_decay"], h["beta1"], h["beta2"], h["eps"], self._rounding(p, group, state, False),
+                       fn=self._state_fn(moments_direction, state["exp_avg"]))
 
     def _state_fn(self, fn: Callable, state: Tensor) -> Callable:
         """fn, compiled when it works on torchao-quantised states (unless compile_step=False)."""
@@ -351,18 +375,22 @@ class LowRankAdamW(torch.optim.Optimizer):
             return compiled(fn)
         return fn
 
-    def _rounding_generator(self, p: Tensor, group: dict, state: dict) -> torch.Generator | None:
-        """The generator for stochastically rounding bf16 weight p at this step, or None (round to nearest).
+    def _rounding(self, p: Tensor, group: dict, state: dict, compiled_update: bool):
+        """How bf16 weight p is rounded at its coming update, or None (fp32 weights; round to nearest).
 
-        Seeded from (group["seed"], p's position among the optimizer's params, state["step"]), so the bits are
-        the same on every rank and repeat exactly after a resume (see quant.py).
+        Keyed by (group["seed"], p's position among the optimizer's params, its step after this update), so the
+        bits are the same on every rank and after a resume (see quant.py). Eager: a torch.Generator (the host
+        reads the CPU step counter); compiled: the counter base, from which the graph derives the key itself.
         """
         if p.dtype != torch.bfloat16 or not group.get("stochastic_round", True):
             return None
-        index = getattr(self, "_param_index", None)
-        if index is None or p not in index:
-            index = self._param_index = {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
-        key = quant.rounding_key(int(group.get("seed", 0)), index[p], int(state["step"].item()))
+        seed = int(group.get("seed", 0))
+        if compiled_update:
+            base = self._counter_bases.get((seed, self._index[p]))
+            if base is None:
+                base = self._counter_bases[(seed, self._index[p])] = quant.counter_base(seed, self._index[p])
+            return base
+        key = quant.rounding_key(seed, self._index[p], int(state["step"].item()) + 1)
         return quant.rounding_generator(key, p.device)
 
     # -- state_dict --------------------------------------------------------------------------------
@@ -377,6 +405,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         if global_step is None:
             raise ValueError("this state_dict has no 'global_step': it was not saved from a LowRankAdamW")
         super().load_state_dict(state_dict)
+        self._index_groups()
         # torch.optim.Optimizer.load_state_dict casts every state tensor but "step" to its parameter's dtype,
         # calling Optimizer._process_value_according_to_param_policy by class name (an override is never
         # used): int64 indices would come back as floats, fp32 states next to bf16 weights as bf16. Put the
@@ -387,10 +416,4 @@ class LowRankAdamW(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(i, {}).items():
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
-        for p, layer in self._layers.items():
-            state = self.state.get(p)
-            if state:
-                key = "basis" if layer.lowrank_spec.basis == "svd" else "indices"
-                layer.selection().copy_(state[key])
-                layer._lowrank_selected = True
-        self._control.set_step(int(global_step))
+        self.restore_after_load(int(global_step))

@@ -267,7 +267,7 @@ class LowRankLinear(nn.Linear):
         carrier_shape = (out_f, r) if spec.right else (r, in_f)
         carrier = nn.Parameter(carrier_data(carrier_shape, w.dtype, w.device, dense_carrier))
         linear.register_parameter(CARRIER, carrier)
-        linear._lowrank_hook = carrier.register_post_accumulate_grad_hook(linear._lowrank_grad_ready)
+        linear._lowrank_hook = carrier.register_post_accumulate_grad_hook(linear.note_grad_ready)
         n = in_f if spec.right else out_f
         if spec.basis == "svd":
             linear.register_buffer(SVD_BASIS, torch.zeros(n, r, dtype=table_dtype(w.dtype), device=w.device),
@@ -308,12 +308,31 @@ class LowRankLinear(nn.Linear):
             carrier.data = carrier_data(carrier.shape, carrier.dtype, carrier.device, dense=False)
         return self
 
-    def _lowrank_grad_ready(self, carrier: Tensor) -> None:
-        """Runs when backward has accumulated this layer's rank-r gradient (eagerly, also under compile)."""
+    def note_grad_ready(self, carrier: Tensor) -> None:
+        """The carrier's post-accumulate-grad hook: backward has delivered this layer's rank-r gradient, so a
+        pending refresh is done (runs eagerly, also under compile). A data-parallel wrapper that gives the layer
+        another carrier tensor registers this on it too."""
         if self._lowrank_refresh:
             self._lowrank_refresh = False
             self._lowrank_refreshed = True
             self._lowrank_selected = True
+
+    @property
+    def refresh_control(self) -> RefreshControl:
+        """The step counter and refresh schedule this layer shares with its model's other layers and optimizer."""
+        return self._lowrank_control
+
+    @property
+    def refreshed(self) -> bool:
+        """Whether this step's refresh has re-selected the columns (the optimizer then moves the states)."""
+        return self._lowrank_refreshed
+
+    def restore_selection(self, selection: Tensor | None) -> None:
+        """Set the selection from a loaded state (indices, or the svd basis), or with None mark the layer as
+        unselected: it then selects from its first gradient, whatever the step."""
+        if selection is not None:
+            self.selection().copy_(selection)
+        self._lowrank_selected = selection is not None
 
     @property
     def basis_size(self) -> int:

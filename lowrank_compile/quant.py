@@ -16,10 +16,12 @@ requantises (torchao implements copy_ for its subclasses).
 
 Weights in bf16 are written back with stochastic rounding (:func:`round_to_bf16`): each element is rounded
 up or down with probabilities that make the rounding unbiased, so updates far below a bf16 ulp still move
-the weight on average. Its random bits come from a torch.Generator seeded afresh for every write-back
-with a key mixed from (seed, parameter index, step) — never from torch's global RNG — so they are the same
-on every rank (of one device type: CPU and CUDA generators differ) and a resumed run repeats them exactly:
-the seed is a param-group value and the step is in the checkpoint, so no generator state needs saving.
+the weight on average. Its random bits come from a key mixed from (seed, parameter index, step) — never from
+torch's global RNG — so they are the same on every rank and a resumed run repeats them exactly: the seed is a
+param-group value and the step is in the checkpoint, so no generator state needs saving. Eager updates seed a
+torch.Generator with the key (one pass to draw the bits); compiled updates (compile_step=True) hash the key and
+each element's index instead, inside the graph (no host read of the step, and the hash fuses into the
+write-back). The two give different bits of the same distribution.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from . import _torchao
 
 __all__ = ["STATE_KINDS", "BLOCK_SIZE", "MIN_QUANT_NUMEL", "storage_kind", "fallback_reason", "check_available",
            "new_state", "kind_of", "is_quantized", "dequantize", "zero_", "state_parts", "part_specs",
-           "state_from_parts", "state_nbytes", "rounding_key", "rounding_generator", "round_to_bf16"]
+           "state_from_parts", "state_nbytes", "rounding_key", "rounding_generator", "counter_base",
+           "counter_key", "round_to_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +198,7 @@ def state_nbytes(t: Tensor) -> int:
 
 # -- stochastic rounding ------------------------------------------------------------------------------------
 _M64 = 0xFFFFFFFFFFFFFFFF
+_M32 = 0xFFFFFFFF
 
 
 def _splitmix64(x: int) -> int:
@@ -217,29 +221,64 @@ def rounding_generator(key: int, device: torch.device | str) -> torch.Generator:
     return gen
 
 
-def round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """fp32 -> bf16: round to nearest when generator is None, else stochastically with its bits.
+def round_to_bf16(x: Tensor, rounding: torch.Generator | Tensor | None = None, offset: int = 0) -> Tensor:
+    """fp32 -> bf16: to nearest when `rounding` is None, else stochastically.
 
     Stochastic rounding adds 16 random bits below bf16's last bit and truncates: it rounds away from zero
-    with probability (dropped bits) / 2^16, so E[result] = x (as torchao's _fp32_to_bf16_sr does). A
-    write-back done in chunks draws from one generator chunk after chunk, so its bits are fixed by the key.
+    with probability (dropped bits) / 2^16, so E[result] = x (as torchao's _fp32_to_bf16_sr does). The bits
+    come from a torch.Generator (eager updates: one pass to draw them), or, given a 0-d int64 key tensor from
+    :func:`counter_key`, from a counter-based hash of (key, offset + element index) — no generator and no host
+    read, so it traces into a compiled graph, where the hash fuses into the write-back kernel. A write-back done
+    in row chunks draws chunk after chunk from one generator, or passes each chunk's flat offset with a key: its
+    bits do not depend on the chunking either way.
     """
-    if generator is None:
+    if rounding is None:
         return x.to(torch.bfloat16)
     x = x.float().contiguous()
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    if isinstance(rounding, torch.Generator):
+        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=rounding)
+    else:
+        counter = torch.arange(offset, offset + x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
+        noise = (_hash32(_hash32(counter ^ rounding) ^ _hash32(rounding ^ 0x5BD1E995)) >> 16).to(torch.int32)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: 0xFFFF0000
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow: c is split in 16-bit halves."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixing function (Wellons' "lowbias32") on int64 tensors, on their low 32 bits."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_base(seed: int, index: int) -> Tensor:
+    """The per-parameter part of a counter-based rounding key: a 0-d int64 CPU tensor from (seed, index)."""
+    return torch.tensor(rounding_key(seed, index, 0) & _M32, dtype=torch.int64)
+
+
+def counter_key(base: Tensor, step: Tensor) -> Tensor:
+    """The 0-d int64 key of one write-back from :func:`counter_base` and the (already advanced) step counter, a
+    tensor: computed with tensor ops, so the step is never read on the host."""
+    return _hash32(_hash32(step.to(torch.int64)) ^ base)
 
 
 def state_shape(opt, p: Tensor) -> tuple[int, ...]:
     """The shape of p's Adam moments in a LowRankAdamW: rank-r for a projected weight, p's own otherwise."""
-    layer = opt._layers.get(p)
+    layer = opt.layers.get(p)
     return tuple(layer.lowrank_grad.shape) if layer is not None else tuple(p.shape)
 
 
 def log_storage(opt) -> None:
     """Log how a LowRankAdamW stores its states: under a quantised state_dtype, which ones stay fp32 and why."""
-    names = getattr(opt, "param_names", {})
+    names = opt.param_names
     total, fallbacks, state_dtypes = 0, [], set()
     for group in opt.param_groups:
         if group["state_dtype"] not in QUANTIZED:

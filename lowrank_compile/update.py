@@ -8,13 +8,17 @@ are tensors, so schedules and the passing of steps never recompile.
 from __future__ import annotations
 
 import functools
+import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import quant
 
-__all__ = ["match_slots", "matched", "moments_direction", "lowrank_adamw_", "adamw_", "compiled"]
+__all__ = ["match_slots", "matched", "moments_direction", "adam_ratio_bound", "row_chunks", "write_back_",
+           "back_project_", "lowrank_adamw_", "adamw_", "adamw_chunked_", "remap_states", "clip_tensor_norm_",
+           "UPDATE_CHUNK_ELEMS"]
 
 
 def match_slots(old_idx: Tensor, new_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,34 +85,140 @@ def adam_ratio_bound(step: Tensor, beta1: float, beta2: float) -> Tensor:
     return (1 - beta1) / (1 - beta1 ** step) * (s * (1 - beta2 ** step) / (1 - beta2)).sqrt()
 
 
-def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                   cols: list[Tensor], steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float,
-                   beta2: float, eps: float, scale: float, right: bool) -> None:
-    """Low-rank AdamW on fp32/fp64 weights W, in place: W (1 - lr wd) - lr scale back(u).
+# Rows of a low-precision weight updated per chunk: bounds the fp32 temporaries of a write-back.
+UPDATE_CHUNK_ELEMS = 1 << 22
 
-    grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); cols: D_r, (n, r); steps: 0-d tensors.
+
+def row_chunks(tensors: tuple[Tensor, ...], max_elems: int, block: int = 1):
+    """(start, slices): slices of `tensors` with the same rows along dim 0, each about max_elems elements of the
+    first and holding whole blocks of `block` elements (torchao's states slice only on their block boundaries);
+    start is the first row of the chunk."""
+    first = tensors[0]
+    if first.ndim == 0 or first.numel() <= max_elems:
+        yield 0, tensors
+        return
+    row = first.numel() // first.shape[0]
+    align = block // math.gcd(row, block)  # rows per chunk: a multiple of this keeps chunks block-aligned
+    rows = max(align, (max_elems // row) // align * align)
+    for start in range(0, first.shape[0], rows):
+        yield start, tuple(t[start:start + rows] for t in tensors)
+
+
+def write_back_(w: Tensor, new: Tensor, rounding, offset: int) -> None:
+    """w <- new (fp32), rounded once into w's dtype; bf16 stochastically when `rounding` (a torch.Generator or a
+    counter key, see quant.round_to_bf16) is given, to nearest otherwise. offset: the flat index of new[0]."""
+    w.copy_(quant.round_to_bf16(new, rounding, offset) if w.dtype == torch.bfloat16 else new.to(w.dtype))
+
+
+def _rounding(source, step: Tensor):
+    """What a write-back rounds with: None, a torch.Generator (eager), or the counter key of this step from a
+    counter base tensor (quant.counter_base: compiled updates, no host read of the step)."""
+    return quant.counter_key(source, step) if isinstance(source, Tensor) else source
+
+
+def back_project_(w: Tensor, u: Tensor, d_r: Tensor, right: bool, decay=None, rounding=None,
+                  max_elems: int | None = None, product_dtype: torch.dtype | None = None) -> None:
+    """W <- decay W + back(u), back(u) = u D_r^T (right) or D_r u (left): decay and back-projection, in one place.
+
+    u is the step already scaled (-lr scale times Adam's direction). decay: None (no decay) or the factor
+    1 - lr wd, a number or 0-d tensor. fp32/fp64 W is updated in place with one GEMM and no full-size
+    temporary. A low-precision W is computed in fp32 row chunks of at most max_elems elements (default
+    UPDATE_CHUNK_ELEMS) and rounded once per element (see write_back_). product_dtype: the dtype of the back-projection GEMM of a low-precision W (default
+    fp32; bf16 runs it on tensor cores, used inside compiled graphs, where its result feeds the fused update).
     """
-    for w, g, m, v, d_r, step in zip(weights, grads, exp_avgs, exp_avg_sqs, cols, steps):
-        step.add_(1)
-        u = moments_direction(g, m, v, step, beta1, beta2, eps).mul_(-lr * scale).to(w.dtype)
-        d_r = d_r.to(w.dtype)
-        if weight_decay != 0:
-            w.mul_(1 - lr * weight_decay)
+    if w.dtype in (torch.float32, torch.float64):
+        if decay is not None:
+            w.mul_(decay)
+        u, d_r = u.to(w.dtype), d_r.to(w.dtype)
         if right:
             w.addmm_(u, d_r.t())  # (out, r) @ (r, in)
         else:
             w.addmm_(d_r, u)  # (out, r) @ (r, in)
+        return
+    pdt = product_dtype or torch.float32
+    u, d_r = u.to(pdt), d_r.to(pdt)
+    row = w.shape[1]
+    for start, (w_rows, factor) in row_chunks((w, u if right else d_r), max_elems or UPDATE_CHUNK_ELEMS):
+        delta = factor @ d_r.t() if right else factor @ u
+        new = w_rows.float()
+        if decay is not None:
+            new = new.mul_(decay)  # decay in fp32: rounded alone, it is lost
+        write_back_(w_rows, new.add_(delta.float()), rounding, start * row)
+
+
+def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                   cols: list[Tensor], steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float,
+                   beta2: float, eps: float, scale: float, right: bool, rounding: list | None = None,
+                   match: list[tuple | None] | None = None, product_dtype: torch.dtype | None = None,
+                   direction: Callable = None) -> None:
+    """Low-rank AdamW, in place: W (1 - lr wd) - lr scale back(u), for lists of same-shape projected layers.
+
+    grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); cols: D_r, (n, r) in fp32 (fp64 for fp64
+    weights); steps: 0-d tensors. Works for any weight dtype and state storage (see back_project_ and
+    moments_direction). rounding: per weight, None (to nearest), a torch.Generator or a quant.counter_base tensor.
+    match: per weight, None or (src, kept, dim) to move its states to a refreshed selection first.
+    product_dtype: see back_project_. direction: the moments function (default moments_direction; the optimizer
+    passes a compiled one for quantised states when the rest runs eagerly).
+    """
+    direction = direction or moments_direction
+    for i, (w, g, m, v, d_r, step) in enumerate(zip(weights, grads, exp_avgs, exp_avg_sqs, cols, steps)):
+        step.add_(1)
+        u = direction(g, m, v, step, beta1, beta2, eps, None if match is None else match[i])
+        decay = None if weight_decay == 0 else 1 - lr * weight_decay
+        back_project_(w, u.mul_(-lr * scale), d_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
+                      product_dtype=product_dtype)
 
 
 def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-           steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float, beta2: float, eps: float) -> None:
-    """Plain AdamW on fp32/fp64 parameters, in place."""
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+           steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float, beta2: float, eps: float,
+           rounding: list | None = None) -> None:
+    """Plain AdamW, in place. fp32/fp64 parameters directly; low-precision ones in fp32, rounded once (rounding:
+    as in lowrank_adamw_)."""
+    for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         step.add_(1)
         u = moments_direction(g, m, v, step, beta1, beta2, eps)
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        p.sub_(u.mul_(lr).to(p.dtype))
+        if p.dtype in (torch.float32, torch.float64):
+            if weight_decay != 0:
+                p.mul_(1 - lr * weight_decay)
+            p.sub_(u.mul_(lr).to(p.dtype))
+        else:  # decay and update in fp32, rounded once (stochastically for bf16 when keyed)
+            new = p.float().mul_(1 - lr * weight_decay).sub_(u.mul_(lr))
+            write_back_(p, new, None if rounding is None else _rounding(rounding[i], step), 0)
+
+
+def adamw_chunked_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr, weight_decay: float, beta1: float,
+                   beta2: float, eps: float, rounding=None, fn=None, max_elems: int | None = None) -> None:
+    """Plain AdamW on one large parameter (an embedding, an lm_head) in block-aligned row chunks, so its fp32
+    temporaries never exist at full size. fn: the per-chunk function (moments_direction, possibly compiled)."""
+    fn = fn or moments_direction
+    step.add_(1)
+    rounding = _rounding(rounding, step)
+    row = p.numel() // max(1, p.shape[0]) if p.ndim else 1
+    chunks = row_chunks((p, g, m, v), max_elems or UPDATE_CHUNK_ELEMS, block=max(quant.BLOCK_SIZE.values()))
+    for start, (w, gc, mc, vc) in chunks:
+        u = fn(gc, mc, vc, step, beta1, beta2, eps)
+        if w.dtype in (torch.float32, torch.float64):
+            if weight_decay != 0:
+                w.mul_(1 - lr * weight_decay)
+            w.add_(u.to(w.dtype), alpha=-lr)
+        else:
+            write_back_(w, w.float().mul_(1 - lr * weight_decay).sub_(u, alpha=lr), rounding, start * row)
+
+
+def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: int) -> None:
+    """Policy "match": move each kept index's state slice to its new slot, zero slices of new indices.
+
+    old_idx, new_idx: (r,) int64. dim: the rank dimension of the states (1 right, 0 left). In place.
+    """
+    src, kept = match_slots(old_idx, new_idx)
+    for s in states:
+        s.copy_(matched(quant.dequantize(s), src, kept, dim))
+
+
+def clip_tensor_norm_(grad: Tensor, max_norm: float) -> None:
+    """Scale one gradient in place so its 2-norm is at most max_norm (torch's clip_grad_norm_ rule)."""
+    norm = torch.linalg.vector_norm(grad.float())
+    grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grad.dtype))
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import distributed, quant
-from .config import DEFAULT_STATE_POLICY, DEFAULT_UPDATE_GAP, LowRankConfig, resolve_rank
+from .config import LowRankConfig, resolve_rank
 from .optimizer import LowRankAdamW
 from .projection import LayerSpec, LowRankLinear, RefreshControl
 
@@ -22,31 +22,34 @@ logger = logging.getLogger(__name__)
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 
 
+_D = LowRankConfig  # the defaults below are the dataclass's own: defined once
+
+
 def wrap_model(
     model: nn.Module,
-    rank: int | float = 128,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    update_gap: int = DEFAULT_UPDATE_GAP,
-    basis: str = "dct",
-    norm: str = "l1",
-    state_policy: str = DEFAULT_STATE_POLICY,
-    state_dtype: str = "fp32",
+    rank: int | float = _D.rank,
+    lr: float = _D.lr,
+    betas: tuple[float, float] = _D.betas,
+    eps: float = _D.eps,
+    weight_decay: float = _D.weight_decay,
+    update_gap: int = _D.update_gap,
+    basis: str = _D.basis,
+    norm: str = _D.norm,
+    state_policy: str = _D.state_policy,
+    state_dtype: str = _D.state_dtype,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    fused: bool = False,
+    fused: bool = _D.fused,
     *,
-    scale: float = 1.0,
+    scale: float = _D.scale,
     layer_rank: Mapping[str, int | float] | None = None,
-    decay_all: bool = False,
-    accumulate: int = 1,
-    compile_step: bool | None = None,
-    sketch_rows: int = 0,
-    seed: int = 0,
-    clip_per_tensor: float | None = None,
-    stochastic_round: bool = True,
-    refresh_sync: str = "auto",
+    decay_all: bool = _D.decay_all,
+    accumulate: int = _D.accumulate,
+    compile_step: bool | None = _D.compile_step,
+    sketch_rows: int = _D.sketch_rows,
+    seed: int = _D.seed,
+    clip_per_tensor: float | None = _D.clip_per_tensor,
+    stochastic_round: bool = _D.stochastic_round,
+    refresh_sync: str = _D.refresh_sync,
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
 
@@ -123,29 +126,17 @@ def wrap_model(
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` clips them together with the plain
     gradients (the norm is that of the projected gradients, which is at most the full gradient's).
     """
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise ValueError(f"accumulate must be an int >= 1 (micro-batches per step), got {accumulate!r}")
-    config = LowRankConfig(rank=rank, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                           update_gap=update_gap, basis=basis, norm=norm, state_policy=state_policy,
-                           state_dtype=state_dtype, fused=fused, scale=scale,
-                           layer_rank=tuple((layer_rank or {}).items()), decay_all=decay_all,
-                           stochastic_round=stochastic_round)
+    options = {k: v for k, v in locals().items() if k != "model"}
+    config = LowRankConfig(**options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap_model expects an nn.Module, got {type(model).__name__}")
     if is_wrapped(model):
         raise RuntimeError("this model is already wrapped by lowrank_compile; call unwrap_model(model) first "
                            "(wrapping again makes a fresh optimizer)")
 
-    plan = _plan(model, config, filter_fn)
+    plan = _plan(model, config)
     quant.check_available(config.state_dtype, plan[0][1].weight.device)
-    if clip_per_tensor is not None and not (isinstance(clip_per_tensor, (int, float)) and clip_per_tensor > 0):
-        raise ValueError(f"clip_per_tensor must be a number > 0 or None, got {clip_per_tensor!r}")
-    if isinstance(sketch_rows, bool) or not isinstance(sketch_rows, int) or sketch_rows < 0:
-        raise ValueError(f"sketch_rows must be an int >= 0 (0: exact scores), got {sketch_rows!r}")
-    if sketch_rows and config.basis == "svd":
-        raise ValueError("sketch_rows applies to basis='dct' or 'random'; basis='svd' takes an SVD of the full gradient")
-    distributed.check_refresh_sync(refresh_sync)
-    control = RefreshControl(config.update_gap, sketch_rows=sketch_rows, seed=seed)
+    control = RefreshControl(config.update_gap, sketch_rows=config.sketch_rows, seed=config.seed)
     layers: dict[torch.Tensor, LowRankLinear] = {}
     dense_carriers = distributed.is_multiprocess()  # DDP / FSDP2 reduce and shard the carriers: real storage
     for fqn, linear, spec in plan:
@@ -165,14 +156,9 @@ def wrap_model(
         groups.append(dict(params=decay, lowrank=False))
     if no_decay:
         groups.append(dict(params=no_decay, lowrank=False, weight_decay=0.0))
-    opt = LowRankAdamW(groups, layers, control, lr=config.lr, betas=config.betas, eps=config.eps,
-                       weight_decay=config.weight_decay, scale=config.scale, state_policy=config.state_policy,
-                       state_dtype=config.state_dtype, fused=config.fused, accumulate=accumulate,
-                       compile_step=compile_step, clip_per_tensor=clip_per_tensor,
-                       stochastic_round=config.stochastic_round, seed=seed)
-    opt.config = config
-    opt.param_names = {p: fqn for fqn, p in model.named_parameters()}  # checkpoints name layers by fqn
-    distributed.attach(opt, refresh_sync)  # a multi-process job: agree on refreshes, guard fused updates
+    names = {p: fqn for fqn, p in model.named_parameters()}  # checkpoints name states by fqn
+    opt = LowRankAdamW(groups, layers, control, config, param_names=names)
+    distributed.attach(opt, config.refresh_sync)  # a multi-process job: agree on refreshes, guard fused updates
     quant.log_storage(opt)
     _log_summary(plan, decay + no_decay)
     return opt
@@ -186,7 +172,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """
     for module in list(model.modules()):
         if isinstance(module, LowRankLinear):
-            control = module._lowrank_control
+            control = module.refresh_control
             for handle in control.hooks:
                 handle.remove()
             control.hooks.clear()
@@ -198,7 +184,7 @@ def is_wrapped(model: nn.Module) -> bool:
     return any(isinstance(m, LowRankLinear) for m in model.modules())
 
 
-def _plan(model: nn.Module, config: LowRankConfig, filter_fn) -> list[tuple[str, nn.Linear, LayerSpec]]:
+def _plan(model: nn.Module, config: LowRankConfig) -> list[tuple[str, nn.Linear, LayerSpec]]:
     """Which nn.Linear layers to project, and with which spec. Raises if none can be."""
     owners = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
@@ -211,7 +197,7 @@ def _plan(model: nn.Module, config: LowRankConfig, filter_fn) -> list[tuple[str,
         w = module.weight
         if id(module) in read_directly or not w.requires_grad or owners[id(w)] > 1:
             continue
-        if filter_fn is not None and not filter_fn(module, fqn):
+        if config.filter_fn is not None and not config.filter_fn(module, fqn):
             continue
         rank = next((r for pattern, r in config.layer_rank if fnmatch.fnmatchcase(fqn, pattern)), config.rank)
         out_f, in_f = w.shape

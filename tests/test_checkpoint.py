@@ -89,7 +89,7 @@ def test_the_file_is_plain_safetensors_with_compact_indices(saved):
     assert layers["0.bias"]["state_dtype"] == "fp32" and "4096" in layers["0.bias"]["fallback"]
     assert tensors["0.weight.indices"].dtype == torch.uint8  # basis size 64 <= 256
     assert tensors["2.weight.indices"].dtype == torch.uint8  # basis size 256
-    assert torch.equal(tensors["0.weight.indices"].long(), opt.state[next(iter(opt._layers))]["indices"])
+    assert torch.equal(tensors["0.weight.indices"].long(), opt.state[next(iter(opt.layers))]["indices"])
     assert tensors["0.weight.exp_avg.codes"].dtype == torch.uint8
     assert tensors["0.weight.exp_avg.scale"].shape == (256 * 16 // 256,)
     assert tensors["3.weight.exp_avg_sq.codes"].shape == (128, 64)  # plain AdamW state, quantised too
@@ -108,9 +108,9 @@ def test_round_trip_restores_every_bit_and_hyperparameter(saved):
     model2.load_state_dict(model.state_dict())
     lrc.load_optimizer(opt2, path)
     assert same(snapshot(opt2), before)
-    for layer, layer2 in zip(opt._layers.values(), opt2._layers.values()):
+    for layer, layer2 in zip(opt.layers.values(), opt2.layers.values()):
         assert torch.equal(layer.selection(), layer2.selection())  # the layers' own index buffers too
-    assert opt2._control.refresh == opt._control.refresh
+    assert opt2.refresh_control.refresh == opt.refresh_control.refresh
     train(model, opt, 2)
     train(model2, opt2, 2)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
@@ -275,7 +275,7 @@ def test_a_cpu_checkpoint_loads_onto_cuda(saved):
     opt2 = lrc.wrap_model(model2, rank=16, lr=1e-2, update_gap=2, state_dtype="int8",
                           filter_fn=lambda m, fqn: fqn != "3")
     lrc.load_optimizer(opt2, path)
-    p = next(iter(opt2._layers))
+    p = next(iter(opt2.layers))
     assert opt2.state[p]["exp_avg"].codes.is_cuda and opt2.state[p]["indices"].is_cuda
     assert same({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in snapshot(opt2).items()},
                 snapshot(opt))
@@ -308,7 +308,7 @@ def test_state_dict_keeps_fp32_states_and_int_indices_next_to_bf16_weights(tmp_p
         torch.save(opt.state_dict(), tmp_path / "sd.pt")
         _, opt2 = make(state_dtype=state_dtype, dtype=torch.bfloat16)
         opt2.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
-        p = next(iter(opt2._layers))
+        p = next(iter(opt2.layers))
         assert quant.kind_of(opt2.state[p]["exp_avg"]) == kind
         assert opt2.state[p]["indices"].dtype == torch.int64
         assert same(snapshot(opt2), snapshot(opt))

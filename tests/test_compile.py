@@ -113,9 +113,9 @@ def test_accumulate_equals_full_batch_with_fixed_basis(fused, k):
     opt_a = lrc.wrap_model(a, rank=6, lr=1e-2, update_gap=1000)
     opt_b = lrc.wrap_model(b, rank=6, lr=1e-2, update_gap=1000, fused=fused, accumulate=k)
     for opt in (opt_a, opt_b):  # skip the step-1 refresh: both keep the initial columns 0..r-1
-        for layer in opt._control.layers:
-            layer._lowrank_selected = True
-        opt._control.set_step(1)
+        for layer in opt.refresh_control.layers:
+            layer.restore_selection(layer.selection().clone())
+        opt.refresh_control.set_step(1)
     _train(a, opt_a, batches)
     _train(b, opt_b, batches, accumulate=k)
     assert _max_diff(a, b) < 1e-10

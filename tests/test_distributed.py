@@ -75,7 +75,7 @@ OPT = dict(rank=6, lr=1e-2, update_gap=2, weight_decay=0.1)
 
 
 def selections(opt) -> list[torch.Tensor]:
-    return [layer.selection().clone() for layer in opt._control.layers]
+    return [layer.selection().clone() for layer in opt.refresh_control.layers]
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -122,10 +122,10 @@ def train_ddp(rank: int, *, accumulate: int = 1, no_sync: bool = False, refresh_
             opt.step()
             opt.zero_grad()
         sels.append(selections(opt))
-    reducer = opt._control.score_reducer
+    reducer = opt.refresh_control.score_reducer
     return dict(weights=weights(model), sels=sels, reducer_bytes=reducer.bytes if reducer else 0,
                 ddp_ignores=sorted(ddp.parameters_to_ignore),
-                carriers=sum(layer.lowrank_grad.numel() for layer in opt._control.layers),
+                carriers=sum(layer.lowrank_grad.numel() for layer in opt.refresh_control.layers),
                 plain=sum(p.numel() for g in opt.param_groups if not g["lowrank"] for p in g["params"]),
                 full=sum(p.numel() for p in model.state_dict().values()))
 
@@ -151,7 +151,7 @@ def ddp_auto(rank):
     """No refresh_sync anywhere: wrap_model sees 2 processes and installs the default reducer itself."""
     model = make_net()
     opt = lrc.wrap_model(model, **OPT)
-    reducer = opt._control.score_reducer
+    reducer = opt.refresh_control.score_reducer
     return dict(mode=None if reducer is None else reducer.mode, default=lrd.DEFAULT_REFRESH_SYNC)
 
 
@@ -492,6 +492,6 @@ def test_refresh_sync_is_validated():
 
 def test_single_process_has_no_reducer_by_default():
     opt = lrc.wrap_model(make_net(), rank=6)
-    assert opt._control.score_reducer is None
+    assert opt.refresh_control.score_reducer is None
     assert lrd.sync_refreshes(opt, "cheap").mode == "cheap"
-    assert lrd.sync_refreshes(opt, "local") is None and opt._control.score_reducer is None
+    assert lrd.sync_refreshes(opt, "local") is None and opt.refresh_control.score_reducer is None

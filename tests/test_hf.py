@@ -270,7 +270,7 @@ def test_make_trainer_optimizers_takes_hyper_parameters_from_args(tmp_path):
     groups = opt.param_groups
     assert all(g["lr"] == 3e-3 and g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in groups)
     assert {g["weight_decay"] for g in groups} == {0.1, 0.0}  # norms and biases without decay
-    assert opt._control.update_gap == 3 and isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
+    assert opt.refresh_control.update_gap == 3 and isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
 
 
 def test_trainer_fused(tmp_path):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import lowrank_compile as lrc
 from lowrank_compile.basis import random_orthonormal_matrix
-from lowrank_compile.optimizer import remap_states
+from lowrank_compile.update import remap_states
 from reference import ReferenceDCTAdamW, dct_basis, match_states
 
 pytestmark = pytest.mark.usefixtures("one_thread")

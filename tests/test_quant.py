@@ -124,7 +124,7 @@ def test_wrap_stores_and_logs_states_as_asked(caplog):
     kinds = {name: quant.kind_of(opt.state[p]["exp_avg"]) for p, name in opt.param_names.items() if p in opt.state}
     assert kinds == {"0.weight": "int8", "2.weight": "int8", "3.weight": "int8", "0.bias": "fp32",
                      "2.bias": "fp32", "3.bias": "fp32"}
-    projected = next(iter(opt._layers))
+    projected = next(iter(opt.layers))
     assert opt.state[projected]["exp_avg_sq"].signed is False  # torchao's unsigned map for the second moment
     assert opt.state[projected]["exp_avg"].signed is True
     assert "3 of 6 parameters' states quantised" in caplog.text
@@ -161,7 +161,7 @@ def test_match_on_quantised_states_moves_the_decoded_states_in_the_update(fused)
     model = _model()
     opt = lrc.wrap_model(model, rank=16, update_gap=1, state_dtype="int8", state_policy="match", fused=fused,
                          compile_step=False, filter_fn=lambda m, fqn: fqn != "3", lr=1e-2)
-    layers = list(opt._layers.items())
+    layers = list(opt.layers.items())
     expected = {}
     for t in range(3):
         gen = torch.Generator().manual_seed(t)
@@ -219,6 +219,24 @@ def test_stochastic_rounding_is_unbiased_and_keyed():
     assert set(neg.unique().tolist()) == {-1.0, -1.0 - 2.0 ** -7}
 
 
+def test_counter_based_rounding_is_unbiased_keyed_and_chunk_independent():
+    """The compiled write-back's rounding: bits from a hash of (key, element index), no generator."""
+    x = torch.full((1 << 16,), 1.0 + 2.0 ** -10)
+    key = quant.counter_key(quant.counter_base(0, 3), torch.tensor(5.0))
+    y = quant.round_to_bf16(x, key).float()
+    assert set(y.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    assert abs(y.mean().item() - (1.0 + 2.0 ** -10)) < 4 * 2.0 ** -7 * 0.5 / 256  # 4 sigma of the mean
+    assert torch.equal(quant.round_to_bf16(x, quant.counter_key(quant.counter_base(0, 3), torch.tensor(5))).float(), y)
+    for other in (quant.counter_key(quant.counter_base(0, 3), torch.tensor(6.0)),
+                  quant.counter_key(quant.counter_base(0, 4), torch.tensor(5.0)),
+                  quant.counter_key(quant.counter_base(1, 3), torch.tensor(5.0))):
+        assert not torch.equal(quant.round_to_bf16(x, other).float(), y)
+    halves = torch.cat([quant.round_to_bf16(x[:1000], key), quant.round_to_bf16(x[1000:], key, offset=1000)])
+    assert torch.equal(halves.float(), y)  # chunked with offsets: the same bits
+    compiled = torch.compile(quant.round_to_bf16, fullgraph=True)
+    assert torch.equal(compiled(x, key).float(), y)  # the same bits inside a graph
+
+
 def test_bf16_weights_keep_small_updates_with_stochastic_rounding():
     """lr 2e-4 on bf16 weights from the same start as an fp32 run: how much of the fp32 run's movement each
     weight makes, <w - w0, d> / <d, d> with d = w_fp32 - w0. Round-to-nearest loses most updates (measured
@@ -268,11 +286,11 @@ def test_import_prints_nothing_and_registers_torchao_safe_globals():
 @pytest.mark.parametrize("state_dtype", ["int8", "int4", "fp8", "fp32"])
 def test_large_plain_parameters_update_in_row_chunks_exactly(monkeypatch, state_dtype):
     """A plain parameter bigger than the chunk is updated in block-aligned row slices: same result as whole."""
-    from lowrank_compile import optimizer
+    from lowrank_compile import update
 
     whole, _ = _train(_model(torch.bfloat16), 4, lr=1e-2, state_dtype=state_dtype, compile_step=False)
-    monkeypatch.setattr(optimizer, "_UPDATE_CHUNK_ELEMS", 3000)  # layer 3's weight: 128 x 64 = 8192 elements
-    chunks = [c[0].numel() for c in optimizer._row_chunks((torch.zeros(128, 64),), 3000, block=256)]
+    monkeypatch.setattr(update, "UPDATE_CHUNK_ELEMS", 3000)  # layer 3's weight: 128 x 64 = 8192 elements
+    chunks = [c[0].numel() for _, c in update.row_chunks((torch.zeros(128, 64),), 3000, block=256)]
     assert chunks == [2816, 2816, 2560]  # 44 rows of 64 = 11 blocks of 256, and the rest
     chunked, opt = _train(_model(torch.bfloat16), 4, lr=1e-2, state_dtype=state_dtype, compile_step=False)
     for a, b in zip(chunked, whole):
@@ -320,8 +338,8 @@ def test_quantised_updates_are_compiled_by_default_and_eager_on_request():
     from lowrank_compile.update import compiled, moments_direction
 
     _, opt = _train(_model(), 1, state_dtype="int8")
-    p = next(iter(opt._layers))
+    p = next(iter(opt.layers))
     assert opt._state_fn(moments_direction, opt.state[p]["exp_avg"]) is compiled(moments_direction)
     _, opt = _train(_model(), 1, state_dtype="int8", compile_step=False)
-    p = next(iter(opt._layers))
+    p = next(iter(opt.layers))
     assert opt._state_fn(moments_direction, opt.state[p]["exp_avg"]) is moments_direction

@@ -75,7 +75,7 @@ def run(name, spec, base, batch, args):
         opt.zero_grad(set_to_none=True)
 
     def refreshing() -> bool:
-        return spec["kind"] == "lowrank" and opt._control.refresh
+        return spec["kind"] == "lowrank" and opt.refresh_control.refresh
 
     for _ in range(args.warmup):  # compiles both the refresh and the ordinary graphs
         train_step()

@@ -42,7 +42,7 @@ def main(argv=None) -> None:
 
         for _ in range(args.warmup):
             step()
-        if getattr(opt, "_control", None) is not None and opt._control.refresh:
+        if getattr(opt, "refresh_control", None) is not None and opt.refresh_control.refresh:
             step()  # profile an ordinary step
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
