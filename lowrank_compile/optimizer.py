@@ -246,7 +246,15 @@ class LowRankAdamW(torch.optim.Optimizer):
         return self._layers[p].lowrank_grad.grad if group["lowrank"] else p.grad
 
     def _update(self, group: dict, params: list[Tensor]) -> None:
-        """Update the params of one group that have a gradient: same-shape batches, then the rest one by one."""
+        """Update the params of one group that have a gradient: same-shape batches, then the rest one by one.
+
+        Runs under a torch.profiler range named "lowrank_compile.update.lowrank" or "...update.plain", so
+        profiles (tools/launch_count.py) can tell the update's kernels apart, inside backward too (fused=True).
+        """
+        with torch.profiler.record_function("lowrank_compile.update." + ("lowrank" if group["lowrank"] else "plain")):
+            self._update_group(group, params)
+
+    def _update_group(self, group: dict, params: list[Tensor]) -> None:
         batches: dict[tuple, list[Tensor]] = {}
         singles = []
         clip = self._config.clip_per_tensor
@@ -295,10 +303,12 @@ class LowRankAdamW(torch.optim.Optimizer):
         return (tuple(p.shape), p.dtype, m.dtype)
 
     @staticmethod
-    def _hyper(group: dict) -> dict:
+    def _hyper(group: dict, compiled_update: bool) -> dict:
+        """The group's hyper-parameters for an update function. A compiled one takes lr as a 0-d tensor, so a
+        schedule never recompiles it; an eager one a float (no tensor ops on the host for it)."""
         beta1, beta2 = group["betas"]
-        return dict(lr=torch.tensor(group["lr"], dtype=torch.float64), weight_decay=group["weight_decay"],
-                    beta1=beta1, beta2=beta2, eps=group["eps"])
+        lr = torch.tensor(group["lr"], dtype=torch.float64) if compiled_update else group["lr"]
+        return dict(lr=lr, weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"])
 
     def _update_batch(self, group: dict, params: list[Tensor]) -> None:
         """fp32/fp64 weights with plain states, one call (one compiled graph with compile_step) per shape group."""
@@ -309,10 +319,10 @@ class LowRankAdamW(torch.optim.Optimizer):
             fn = compiled(lowrank_adamw_) if self._compile_step else lowrank_adamw_
             fn(params, [layer.lowrank_grad.grad for layer in layers], *moments[:2],
                [layer.columns(params[0].dtype) for layer in layers], moments[2], scale=group["scale"],
-               right=layers[0].lowrank_spec.right, **self._hyper(group))
+               right=layers[0].lowrank_spec.right, **self._hyper(group, self._compile_step))
         else:
             fn = compiled(adamw_) if self._compile_step else adamw_
-            fn(params, [p.grad for p in params], *moments, **self._hyper(group))
+            fn(params, [p.grad for p in params], *moments, **self._hyper(group, self._compile_step))
 
     def _new_state(self, shape: torch.Size, group: dict, like: Tensor, signed: bool = True) -> Tensor:
         """A zero Adam moment of `shape` in the group's state_dtype ("fp32" means fp64 next to fp64 weights).
@@ -340,7 +350,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         fn([p], [layer.lowrank_grad.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [layer.columns(cdt)],
            [state["step"]], scale=group["scale"], right=layer.lowrank_spec.right,
            rounding=[self._rounding(p, group, state, whole)], match=[self._pending_match.pop(p, None)],
-           product_dtype=p.dtype if whole and p.dtype == torch.bfloat16 else None, **self._hyper(group))
+           product_dtype=p.dtype if whole and p.dtype == torch.bfloat16 else None, **self._hyper(group, whole))
 
     def _follow_refresh(self, p: Tensor, state: dict, layer: LowRankLinear, policy: str) -> None:
         """Bring the states of one layer into its newly selected basis (METHOD.md section 4).
@@ -364,7 +374,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         """One plain parameter whose states are ready (low-precision weights or quantised states), in row
         chunks (update.adamw_chunked_)."""
         state = self.state[p]
-        h = self._hyper(group)
+        h = self._hyper(group, False)
         adamw_chunked_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
                        h["weight_decay"], h["beta1"], h["beta2"], h["eps"], self._rounding(p, group, state, False),
                        fn=self._state_fn(moments_direction, state["exp_avg"]))

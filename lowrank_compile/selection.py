@@ -5,15 +5,19 @@ by ||G d_k||_p over rows, left projection by ||d_k^T G||_p over columns (arXiv:2
 computed from the transformed operand (x D or gy D) in blocks of basis columns, so at most one
 (out, block) or (block, in) slice of the projected gradient exists at a time — never the full gradient.
 select_right / select_left keep the best r columns of the blocks seen so far, so the exact refresh gets
-the rank-r gradient of its selection without a second product.
+the rank-r gradient of its selection without a second product. The pieces (the block rule, the rows a score
+is the norm of, the sketches) are public: lowrank_compile.refresh_sync scores with them across processes.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["SCORE_BLOCK", "p_norms", "right_scores", "left_scores", "select_top_r", "select_right", "select_left", "norm_order",
-           "sketch_matrix", "sketched_right_scores", "sketched_left_scores"]
+__all__ = ["SCORE_BLOCK", "p_norms", "right_scores", "left_scores", "select_top_r", "select_right", "select_left",
+           "norm_order", "block_size_for", "right_score_rows", "left_score_rows", "sketch_matrix", "right_sketch",
+           "left_sketch", "sketch_norms", "sketched_right_scores", "sketched_left_scores"]
 
 # Basis columns per block of the score computation. 256 was as fast as the unblocked product on a
 # 2-core CPU (64 was slower); the block bounds the live slice to (256, out) or (256, in).
@@ -33,7 +37,7 @@ def right_scores(gy: Tensor, xd: Tensor, p: int, block: int = SCORE_BLOCK) -> Te
 
     gy: (T, out) output gradients; xd: (T, n) = x @ D. Returns (n,) in float32 (float64 for float64 input).
     """
-    return _block_scores(_right_rows(gy, xd), xd.shape[1], p, block)
+    return _block_scores(right_score_rows(gy, xd), xd.shape[1], p, block)
 
 
 def left_scores(gd: Tensor, x: Tensor, p: int, block: int = SCORE_BLOCK) -> Tensor:
@@ -41,22 +45,27 @@ def left_scores(gd: Tensor, x: Tensor, p: int, block: int = SCORE_BLOCK) -> Tens
 
     gd: (T, n) = gy @ D; x: (T, in) inputs. Returns (n,).
     """
-    return _block_scores(_left_rows(gd, x), gd.shape[1], p, block)
+    return _block_scores(left_score_rows(gd, x), gd.shape[1], p, block)
 
 
-def _right_rows(gy: Tensor, xd: Tensor):
-    """Rows k of (G D)^T for basis indices k (a slice or index tensor): (xd[:, k])^T gy, (b, out)."""
+def right_score_rows(gy: Tensor, xd: Tensor) -> Callable[[slice | Tensor], Tensor]:
+    """Rows k of (G D)^T for basis indices k (a slice or index tensor): (xd[:, k])^T gy, (b, out).
+
+    A basis column's right score is the p-norm of its row; a function of k, so that callers form one block
+    of rows at a time (the scorers here, and lowrank_compile.refresh_sync, which sums each block over
+    processes before taking its norms).
+    """
     return lambda k: xd[:, k].t() @ gy
 
 
-def _left_rows(gd: Tensor, x: Tensor):
-    """Rows k of D^T G for basis indices k: (gd[:, k])^T x, (b, in)."""
+def left_score_rows(gd: Tensor, x: Tensor) -> Callable[[slice | Tensor], Tensor]:
+    """Rows k of D^T G for basis indices k: (gd[:, k])^T x, (b, in). A column's left score is its row's p-norm."""
     return lambda k: gd[:, k].t() @ x
 
 
 def _block_scores(rows_of, n: int, p: int, block: int) -> Tensor:
     """p-norms of the n rows of rows_of(...), formed `block` rows at a time (never the whole gradient)."""
-    block = _block_for(n, block)
+    block = block_size_for(n, block)
     return torch.cat([p_norms(rows_of(slice(s, s + block)), p, dim=1) for s in range(0, n, block)])
 
 
@@ -72,8 +81,11 @@ def p_norms(s: Tensor, p: int, dim: int) -> Tensor:
     return s.square().sum(dim, dtype=acc).sqrt()
 
 
-def _block_for(n: int, block: int) -> int:
-    """Columns per block: at most `block`, and at most half of n, so no block is the whole gradient."""
+def block_size_for(n: int, block: int) -> int:
+    """Basis columns per scored block out of n: at most `block`, and at most half of n.
+
+    So no block is the whole gradient; every blockwise scorer, the cross-process one included, uses this rule.
+    """
     return max(1, min(block, (n + 1) // 2))
 
 
@@ -84,13 +96,13 @@ def select_right(gy: Tensor, xd: Tensor, p: int, r: int, block: int = SCORE_BLOC
     each block of G D is scored and merged into the best r columns kept so far, so at most the kept r and
     one block of columns exist at a time. Blocks are formed transposed, (b, out), so merges gather rows.
     """
-    idx, kept = _select_streaming(_right_rows(gy, xd), xd.shape[1], p, r, block)
+    idx, kept = _select_streaming(right_score_rows(gy, xd), xd.shape[1], p, r, block)
     return idx, kept.t().contiguous()
 
 
 def select_left(gd: Tensor, x: Tensor, p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
     """Exact left selection and its rank-r gradient in one blockwise pass: (idx (r,), gd[:, idx]^T x (r, in))."""
-    return _select_streaming(_left_rows(gd, x), gd.shape[1], p, r, block)
+    return _select_streaming(left_score_rows(gd, x), gd.shape[1], p, r, block)
 
 
 def _select_streaming(rows_of, n: int, p: int, r: int, block: int) -> tuple[Tensor, Tensor]:
@@ -99,7 +111,7 @@ def _select_streaming(rows_of, n: int, p: int, r: int, block: int) -> tuple[Tens
     For distinct scores the result equals select_top_r on all n scores: the top r of a union is the top r of
     the top r of its parts. Ties at the r-th score may keep a different one of the tied rows.
     """
-    merge_block = _block_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r rows was fastest
+    merge_block = block_size_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r rows was fastest
     if r + merge_block >= n:  # a merge would hold the whole gradient: score in blocks, then form the r rows
         idx = select_top_r(_block_scores(rows_of, n, p, block), r)
         return idx, rows_of(idx)
@@ -143,8 +155,27 @@ def sketch_matrix(k: int, m: int, p: int, seed: int, dtype: torch.dtype = torch.
     return omega.to(dtype)
 
 
-def _sketch_norm(s: Tensor, p: int, dim: int) -> Tensor:
-    """Estimate p-norms from k sketched projections along `dim`.
+def right_sketch(gy: Tensor, xd: Tensor, omega: Tensor) -> Tensor:
+    """The k-row sketch of the right similarity G D: (gy Ω^T)^T (x D), (k, n); its column j estimates column j.
+
+    gy: (T, out); xd: (T, n); omega: (k, out). Costs T k (out + n) instead of T out n. Linear in G, so the sum
+    of the processes' sketches is the sketch of the global gradient.
+    """
+    gs = gy @ omega.to(gy.dtype).t()  # (T, k)
+    return gs.t() @ xd  # (k, n)
+
+
+def left_sketch(gd: Tensor, x: Tensor, omega: Tensor) -> Tensor:
+    """The k-column sketch of the left similarity D^T G: (gy D)^T (x Ω^T), (n, k); its row j estimates row j.
+
+    gd: (T, n); x: (T, in); omega: (k, in).
+    """
+    xs = x @ omega.to(x.dtype).t()  # (T, k)
+    return gd.t() @ xs  # (n, k)
+
+
+def sketch_norms(s: Tensor, p: int, dim: int) -> Tensor:
+    """Estimate p-norms from k sketched projections along `dim` (dim 0 of a right sketch, dim 1 of a left one).
 
     p=1: each entry is Cauchy with scale ||.||_1, and the median of |standard Cauchy| is 1 (Indyk, 2006).
     p=2: each entry is Gaussian with variance ||.||_2^2.
@@ -160,8 +191,7 @@ def sketched_right_scores(gy: Tensor, xd: Tensor, omega: Tensor, p: int) -> Tens
 
     gy: (T, out); xd: (T, n); omega: (k, out). Costs T k (out + n) instead of T out n.
     """
-    gs = gy @ omega.to(gy.dtype).t()  # (T, k)
-    return _sketch_norm(gs.t() @ xd, p, dim=0)  # (k, n) -> (n,)
+    return sketch_norms(right_sketch(gy, xd, omega), p, dim=0)  # (k, n) -> (n,)
 
 
 def sketched_left_scores(gd: Tensor, x: Tensor, omega: Tensor, p: int) -> Tensor:
@@ -169,5 +199,4 @@ def sketched_left_scores(gd: Tensor, x: Tensor, omega: Tensor, p: int) -> Tensor
 
     gd: (T, n); x: (T, in); omega: (k, in).
     """
-    xs = x @ omega.to(x.dtype).t()  # (T, k)
-    return _sketch_norm(gd.t() @ xs, p, dim=1)  # (n, k) -> (n,)
+    return sketch_norms(left_sketch(gd, x, omega), p, dim=1)  # (n, k) -> (n,)

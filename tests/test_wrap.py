@@ -544,3 +544,31 @@ def test_linear_called_twice_per_forward_trains():
     x, y = batch()
     losses = [train_step(model, opt, x, y) for _ in range(4)]
     assert losses[-1] < losses[0]
+
+
+def test_readme_options_table_matches_the_config_dataclass():
+    """README's table of wrap_model options lists every LowRankConfig field, in order, with its default; and
+    wrap_model's signature takes exactly those options with the same defaults (one definition, no drift)."""
+    import ast
+    import dataclasses
+    import inspect
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Options of `wrap_model`", 1)[1].split("\n\n", 2)[1]
+    documented = {}
+    for line in table.splitlines()[2:]:
+        names_cell, default_cell = (c.strip() for c in line.strip("|").split("|")[:2])
+        names = re.findall(r"`([a-z_]+)`", names_cell)
+        defaults = [ast.literal_eval(d) for d in re.findall(r"`([^`]+)`", default_cell)]
+        assert len(names) == len(defaults), line
+        documented.update(zip(names, defaults))
+    fields = {f.name: f.default for f in dataclasses.fields(lrc.LowRankConfig)}
+    fields["layer_rank"] = None  # wrap_model takes a mapping or None; the config keeps it as a tuple, () for None
+    assert lrc.LowRankConfig(layer_rank=None).layer_rank == lrc.LowRankConfig().layer_rank == ()
+    params = inspect.signature(lrc.wrap_model).parameters
+    assert list(documented) == list(fields) == list(params)[1:]
+    for name, default in fields.items():
+        assert documented[name] == default, name
+        assert params[name].default == default, name

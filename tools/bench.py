@@ -9,7 +9,8 @@
 Models: random-init transformers LlamaForCausalLM in the shapes of the GaLore configurations (hidden /
 intermediate / layers / heads, vocab 32000): 60M 512/1376/8/8, 130M 768/2048/12/12, 350M 1024/2736/24/16,
 1B 2048/5461/24/32, 7B 4096/11008/32/32; and "ref78m", 1024/2736/6/16 with vocab 1000 (78M parameters), the
-model behind the reference numbers of issue 6. Optimizers (see CONFIGS): the floor (forward + activation
+model behind the reference numbers of issue 6; "tiny", 128/344/2/4 with vocab 1000, for smoke tests
+(tools/gpu_suite.sh --quick). Optimizers (see CONFIGS): the floor (forward + activation
 backward, every weight frozen: no weight gradient, no optimizer), torch AdamW (foreach; fused), torchao
 AdamW8bit, the GaLore peer (galore-torch, SVD, rank --rank, update_proj_gap 200, scale 0.25; an optional
 extra: skipped when not installed) and lowrank_compile at rank --rank (update_gap 1 / 50 / 200, fp32 / int8
@@ -42,14 +43,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 # name: (hidden, intermediate, layers, heads, vocab)
-MODELS = {"ref78m": (1024, 2736, 6, 16, 1000), "60M": (512, 1376, 8, 8, 32000), "130M": (768, 2048, 12, 12, 32000),
-          "350M": (1024, 2736, 24, 16, 32000), "1B": (2048, 5461, 24, 32, 32000), "7B": (4096, 11008, 32, 32, 32000)}
+MODELS = {"tiny": (128, 344, 2, 4, 1000), "ref78m": (1024, 2736, 6, 16, 1000), "60M": (512, 1376, 8, 8, 32000),
+          "130M": (768, 2048, 12, 12, 32000), "350M": (1024, 2736, 24, 16, 32000), "1B": (2048, 5461, 24, 32, 32000),
+          "7B": (4096, 11008, 32, 32, 32000)}
 
 
 def lowrank(gap: int, dtype: str = "fp32", fused: bool = False, sketch: int = 0, compiled: bool = False,
-            head: bool = False, stochastic: bool = True) -> dict:
+            head: bool = False, stochastic: bool = True, compile_step: bool | None = None) -> dict:
     return dict(kind="lowrank", update_gap=gap, state_dtype=dtype, fused=fused, sketch_rows=sketch, compiled=compiled,
-                project_head=head, stochastic_round=stochastic)
+                project_head=head, stochastic_round=stochastic, compile_step=compile_step)
 
 
 CONFIGS = {
@@ -72,6 +74,9 @@ CONFIGS = {
     "lowrank gap 1 sketch64 fp32": lowrank(1, "fp32", False, 64),
     "lowrank gap 1 sketch64 fp32 fused": lowrank(1, "fp32", True, 64),
     "lowrank gap 1 sketch64 int8 fused": lowrank(1, "int8", True, 64),
+    "lowrank gap 50 int8 fused, compile_step": lowrank(50, "int8", True, compile_step=True),
+    "lowrank gap 50 fp32 fused, compile_step": lowrank(50, "fp32", True, compile_step=True),
+    "lowrank gap 1 fp32, compile_step": lowrank(1, "fp32", False, compile_step=True),
     "lowrank gap 50 int8 fused, compiled": lowrank(50, "int8", True, compiled=True),
     "lowrank gap 200 int8 fused, compiled": lowrank(200, "int8", True, compiled=True),
     "lowrank gap 1 int8 fused, compiled": lowrank(1, "int8", True, compiled=True),
@@ -132,7 +137,10 @@ def make_optimizer(model, spec: dict):
         opt = lrc.wrap_model(model, rank=spec["rank"], lr=1e-4, update_gap=spec["update_gap"],
                              state_dtype=spec["state_dtype"], fused=spec["fused"], sketch_rows=spec["sketch_rows"],
                              filter_fn=lambda m, fqn: head or "lm_head" not in fqn,
-                             stochastic_round=spec.get("stochastic_round", True))
+                             stochastic_round=spec.get("stochastic_round", True),
+                             **({"compile_step": spec["compile_step"]} if spec.get("compile_step") is not None else {}))
+        if not hasattr(opt, "refresh_control"):  # a tree from before the public name (gpu_suite.sh's main side)
+            opt.refresh_control = opt._control
         if spec.get("compiled"):
             lrc.compile_blocks(model)
         return opt
@@ -225,7 +233,7 @@ def interleaved_worker(specs: list[dict]) -> list[dict]:
         for _ in range(run["spec"]["warmup"]):
             run["step"]()
         if run["gap"] > 1:
-            run["opt"]._control.set_step(run["gap"] - 1)
+            run["opt"].refresh_control.set_step(run["gap"] - 1)
             run["step"]()
     ordinary = {id(run): [] for run in runs}
     for _ in range(first["steps"]):
@@ -235,7 +243,7 @@ def interleaved_worker(specs: list[dict]) -> list[dict]:
     for k in range(1, first["refresh_steps"] + 1):
         for run in runs:
             if run["gap"] > 1:
-                run["opt"]._control.set_step((k + 1) * run["gap"] - 1)  # the next step refreshes
+                run["opt"].refresh_control.set_step((k + 1) * run["gap"] - 1)  # the next step refreshes
                 refresh[id(run)].append(timed(run["step"]))
     return [dict(name=run["spec"]["name"], spec=run["spec"], mode="time", interleaved=True, steps_s=ordinary[id(run)],
                  **step_times(ordinary[id(run)], refresh[id(run)], run["gap"])) for run in runs]
@@ -259,7 +267,9 @@ def worker(spec: dict) -> dict:
     train_step = make_train_step(model, opt, spec, ids)
     timed_step = functools.partial(timed, train_step)
 
-    result = dict(name=spec["name"], spec=spec, weights_mib=weights / 2**20)
+    result = dict(name=spec["name"], spec=spec, weights_mib=weights / 2**20,
+                  lowrank_compile_file=sys.modules["lowrank_compile"].__file__,  # which tree this process imported
+                  device_name=torch.cuda.get_device_name() if cuda else None)
     gap = refresh_gap(spec)
     if spec["mode"] in ("memory", "both"):
         for _ in range(spec["mem_steps"]):  # step 1 refreshes (every kind selects its basis on its first step)
@@ -277,7 +287,7 @@ def worker(spec: dict) -> dict:
         result["first_steps_s"] = warm
         refresh = []
         if gap > 1:  # move the step counter so that each next step is a refresh (benchmark only)
-            control = opt._control
+            control = opt.refresh_control
             control.set_step(gap - 1)
             timed_step()  # one untimed refresh with states present: first-time work (compiling the remap)
             for k in range(1, spec["refresh_steps"] + 1):
@@ -332,7 +342,11 @@ def run_interleaved(specs: list[dict]) -> list[dict]:
 def _run_worker(flag: str, payload, spec: dict):
     cmd = [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(payload)]
     env = dict(os.environ)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=spec.get("timeout", 3600))
+    timeout = spec.get("timeout") or 3600
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:  # the worker is killed; the row says so and the other configurations go on
+        return dict(name=spec["name"], spec=spec, error=f"timed out after {timeout} s")
     lines = [l for l in proc.stdout.splitlines() if l.startswith(("{", "["))]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -356,14 +370,17 @@ def galore_adamw():
     except ImportError:
         import importlib
         import importlib.util
-        import types
 
+        # the failed import can leave galore_torch's submodules (adafactor, adamw) behind: start clean
+        for name in [m for m in sys.modules if m == "galore_torch" or m.startswith("galore_torch.")]:
+            del sys.modules[name]
         found = importlib.util.find_spec("galore_torch")
-        if found is None:
+        if found is None or not found.submodule_search_locations:
             raise
-        package = types.ModuleType("galore_torch")
-        package.__path__ = list(found.submodule_search_locations)
-        sys.modules["galore_torch"] = package
+        # The package as a module made from its real spec, its __init__ (the 8-bit import) never run. A bare
+        # types.ModuleType has __spec__ None, and transformers' is_galore_torch_available() then fails in
+        # importlib.util.find_spec("galore_torch") with "ValueError: galore_torch.__spec__ is None".
+        sys.modules["galore_torch"] = importlib.util.module_from_spec(found)
         return importlib.import_module("galore_torch.adamw").AdamW
 
 
@@ -510,6 +527,8 @@ def main(argv=None) -> None:
                     "interleaved, and keep each one's fastest round (the least disturbed on a shared machine)")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds one configuration's process may run before "
+                    "it is killed and recorded as failed")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "bench"))
     ap.add_argument("--render", nargs="*", help="run nothing: merge these JSON outputs of earlier runs (one "
                     "model; later files win) and write the tables and chart")
@@ -552,7 +571,7 @@ def main(argv=None) -> None:
                 specs = [dict(CONFIGS[name], name=name, model=model, mode=mode, device=args.device,
                               dtype=args.dtype, batch=b, seq=s, rank=args.rank, checkpointing=args.checkpointing,
                               threads=args.threads, steps=args.steps, mem_steps=args.mem_steps,
-                              warmup=args.warmup, refresh_steps=args.refresh_steps,
+                              warmup=args.warmup, refresh_steps=args.refresh_steps, timeout=args.timeout,
                               profile=not args.no_profile and rnd == 0) for name in names]
                 t = time.perf_counter()
                 many = run_interleaved(specs) if args.interleave and mode == "time" else None

@@ -1,0 +1,170 @@
+"""FSDP2 (``fully_shard``) for a wrapped model: :func:`prepare_fsdp` and :func:`shard_placement`.
+
+Every update stays local to a shard: right-projected layers shard rows, left-projected ones columns
+(:func:`shard_placement`). After sharding, the optimizer's parameters are pointed at the local shards
+before each updating step and the reduce-scattered gradients moved onto the tensors it reads
+(:class:`_FsdpGrads`); the refresh bookkeeping hook is put on FSDP's unsharded carrier, which is what
+autograd sees. fused=True is refused: FSDP2 reduce-scatters after each unit's backward, outside the
+in-backward hooks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Callable
+
+from torch import Tensor, nn
+
+from .projection import CARRIER, LowRankLinear
+from .refresh_sync import join_group
+
+__all__ = ["shard_placement", "prepare_fsdp"]
+
+
+def shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:
+    """A ``shard_placement_fn`` for ``fully_shard`` that keeps every low-rank update local to its shard.
+
+    A right-projected layer's update u D_r^T (u: (out, r)) is row-local, so its weight and carrier keep
+    FSDP's default row sharding (Shard(0)); a left-projected layer's D_r u (u: (r, in)) is column-local, so
+    its weight and carrier are sharded by columns (Shard(1)). Other parameters: the default.
+    """
+    from torch.distributed.tensor import Shard
+
+    by_columns = set()
+    for m in model.modules():
+        if isinstance(m, LowRankLinear) and not m.lowrank_spec.right:
+            by_columns.update((id(m.weight), id(m._parameters[CARRIER])))
+
+    def place(param: nn.Parameter):
+        return Shard(1) if id(param) in by_columns else None
+
+    return place
+
+
+@dataclasses.dataclass
+class _FsdpSlot:
+    """Where one optimizer parameter lives after fully_shard: module and name of its sharded parameter."""
+
+    group: dict
+    index: int  # position in group["params"]
+    module: nn.Module
+    name: str
+    layer: LowRankLinear | None  # projected weight: its layer (the gradient is the carrier's)
+
+
+# layer -> ids of the unsharded carriers that have its bookkeeping hook (kept here, not on the layer). Not a
+# WeakSet of carriers: its membership test compares a carrier with itself by Tensor.__eq__, which raises.
+_HOOKED: weakref.WeakKeyDictionary[LowRankLinear, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _hook_unsharded_carrier(layer: LowRankLinear, args) -> None:
+    """Forward pre-hook, after FSDP's unshard: the refresh bookkeeping hook on the carrier autograd sees."""
+    carrier = layer._parameters[CARRIER]
+    hooked = _HOOKED.setdefault(layer, set())
+    if id(carrier) not in hooked:
+        hooked.add(id(carrier))
+        carrier.register_post_accumulate_grad_hook(layer.note_grad_ready)
+
+
+class _FsdpGrads:
+    """Before an updating step, hand the optimizer its parameters and gradients as local shards.
+
+    The optimizer's params become the local shard tensors of FSDP's sharded parameters (re-resolved every
+    step: FSDP may replace a local tensor, e.g. when it pads at lazy init, and states then follow); each
+    sharded gradient's local shard moves onto the tensor the optimizer reads (the param for plain ones, a
+    stand-in carrier for projected ones), leaving FSDP's gradient None so the next backward starts afresh.
+    """
+
+    def __init__(self, opt, slots: list[_FsdpSlot]):
+        self.opt = opt
+        self.slots = slots
+
+    def before_step(self, opt, args, kwargs) -> None:
+        self.after_step(opt, args, kwargs)
+        if opt.micro_step + 1 < opt.accumulate:
+            return  # this step() call only counts a micro-batch
+        for slot in self.slots:
+            sharded = slot.module._parameters[slot.name]
+            local = sharded._local_tensor
+            self.opt.rebind_param(slot.group["params"][slot.index], local)
+            source = slot.layer._parameters[CARRIER] if slot.layer is not None else sharded
+            grad = None if source.grad is None else source.grad._local_tensor
+            source.grad = None
+            if slot.layer is None:
+                local.grad = grad
+            else:
+                standin = source._local_tensor.detach()
+                standin.grad = grad
+                slot.layer.__dict__[CARRIER] = standin  # shadows the registered (sharded) carrier for the step
+
+    def after_step(self, opt, args, kwargs) -> None:
+        for slot in self.slots:
+            if slot.layer is not None:
+                slot.layer.__dict__.pop(CARRIER, None)
+
+
+def _slots(model: nn.Module, opt) -> list[_FsdpSlot]:
+    """Every optimizer parameter's module and name, found before sharding replaces the parameters."""
+    owners = {}  # id(param) -> (module, name)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), (module, name))
+    slots = []
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            module, name = owners[id(p)]
+            slots.append(_FsdpSlot(group, i, module, name, opt.layer_of(p) if group["lowrank"] else None))
+    return slots
+
+
+def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), mesh=None,
+                 refresh_sync: str | None = None, **fully_shard_kwargs) -> nn.Module:
+    """Shard a wrapped model with FSDP2's ``fully_shard`` and point its optimizer at the local shards.
+
+    Args:
+        model: the model given to :func:`lowrank_compile.wrap_model` (wrapped, not yet sharded).
+        opt: the optimizer wrap_model returned, before its first step. fused=True is refused.
+        units: submodules to shard as their own FSDP units first (e.g. the transformer blocks); the root is
+            sharded last, as fully_shard requires.
+        mesh: the DeviceMesh (default: fully_shard's, all processes).
+        refresh_sync: as in :func:`prepare_ddp` (None keeps wrap_model's reducer, or installs "exact").
+        fully_shard_kwargs: passed to every fully_shard call (reshard_after_forward, mp_policy, ...).
+            shard_placement_fn is set to :func:`shard_placement` (rows or columns, so updates stay local).
+
+    Returns the model (now an FSDPModule). What is reduce-scattered for a projected layer is its rank-r
+    gradient; FSDP still all-gathers every weight in full for forward and backward.
+
+    Example::
+
+        opt = lowrank_compile.wrap_model(model, rank=64)
+        lowrank_compile.distributed.prepare_fsdp(model, opt, units=list(model.layers))
+        model(batch).loss.backward(); opt.step(); opt.zero_grad()
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if opt.fused:
+        raise ValueError("fused=True is not supported with FSDP2: its gradients are reduce-scattered after each "
+                         "unit's backward, outside the in-backward hooks. Wrap with fused=False (or use DDP "
+                         "through lowrank_compile.distributed.prepare_ddp, which supports fused=True).")
+    if any(opt.state.values()):
+        raise RuntimeError("prepare_fsdp must run before the optimizer's first step (its states would stay "
+                           "full-size); call it right after wrap_model")
+    if "shard_placement_fn" in fully_shard_kwargs:
+        raise ValueError("prepare_fsdp sets shard_placement_fn itself (lowrank_compile.distributed.shard_placement)")
+    control = join_group(opt, refresh_sync, mesh.get_group() if mesh is not None else None)
+    slots = _slots(model, opt)
+
+    kwargs = dict(fully_shard_kwargs, shard_placement_fn=shard_placement(model))
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+
+    for layer in control.layers:
+        layer.register_forward_pre_hook(_hook_unsharded_carrier)
+    grads = _FsdpGrads(opt, slots)
+    opt.register_step_pre_hook(grads.before_step)
+    opt.register_step_post_hook(grads.after_step)
+    return model
