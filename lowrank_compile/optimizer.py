@@ -25,19 +25,11 @@ from torch import Tensor
 from . import quant
 from .config import LowRankConfig
 from .projection import LowRankLinear, RefreshControl
-from .update import (adamw_, adamw_chunked_, clip_tensor_norm_, compiled, lowrank_adamw_, match_slots,
-                     moments_direction, remap_states)
+from .compile import compiled
+from .update import (adamw_, adamw_chunked_, clip_tensor_norm_, lowrank_adamw_, match_slots, moments_direction,
+                     remap_states)
 
 __all__ = ["LowRankAdamW"]
-
-
-def _allow_recompiles(graphs: int) -> None:
-    """Raise dynamo's per-function recompile limit so a compiled step with many shape groups stays compiled."""
-    import torch._dynamo
-
-    need = graphs + 8
-    if torch._dynamo.config.recompile_limit < need:
-        torch._dynamo.config.recompile_limit = need
 
 
 class LowRankAdamW(torch.optim.Optimizer):
@@ -73,12 +65,13 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._group_of: dict[Tensor, dict] = {}
         self._counter_bases: dict[tuple[int, int], Tensor] = {}  # (seed, param index) -> quant.counter_base
         self._index_groups()
+        # graphs a compiled update may need: one per shape, times refresh / ordinary variants and row chunks
+        shapes = {(tuple(p.shape), p.dtype) for g in self.param_groups for p in g["params"]}
         if self._compile_step:
-            _allow_recompiles(2 * (len(self.param_groups) + len({(tuple(p.shape), p.dtype) for p in self._layers})))
+            for fn in (lowrank_adamw_, adamw_):
+                compiled(fn).allow(3 * len(shapes) + 8)
         if self._compile_quantized and any(g["state_dtype"] in quant.QUANTIZED for g in self.param_groups):
-            shapes = {tuple(self._layers[p].lowrank_grad.shape) if g["lowrank"] else (tuple(p.shape), p.dtype)
-                      for g in self.param_groups for p in g["params"]}
-            _allow_recompiles(3 * len(shapes))  # each shape, and up to two row-chunk shapes of a large one
+            compiled(moments_direction).allow(3 * len(shapes) + 8)
         if config.fused:
             self._register_fused_hooks()
 

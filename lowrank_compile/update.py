@@ -7,7 +7,6 @@ are tensors, so schedules and the passing of steps never recompile.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -219,9 +218,3 @@ def clip_tensor_norm_(grad: Tensor, max_norm: float) -> None:
     """Scale one gradient in place so its 2-norm is at most max_norm (torch's clip_grad_norm_ rule)."""
     norm = torch.linalg.vector_norm(grad.float())
     grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grad.dtype))
-
-
-@functools.cache
-def compiled(fn):
-    """fn compiled with static shapes; one graph per call signature (shape group)."""
-    return torch.compile(fn, fullgraph=True, dynamic=False)

@@ -240,3 +240,29 @@ def test_llama_compiles_fullgraph_without_graph_breaks():
     assert dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert dict(dynamo.utils.counters["graph_break"]) == {}
     assert losses[-1] < losses[0]
+
+
+def test_compiled_updates_raise_the_recompile_limit_only_during_their_calls():
+    """compile_step=True needs more graphs than dynamo's default limit allows one function; the raise is scoped
+    to the compiled update's own calls and the process-wide limit is left as it was."""
+    import torch._dynamo
+
+    from lowrank_compile.compile import compiled
+    from lowrank_compile.update import lowrank_adamw_
+
+    before = torch._dynamo.config.recompile_limit
+    model = nn.Sequential(nn.Linear(16, 20))
+    opt = lrc.wrap_model(model, rank=4, compile_step=True, update_gap=2)
+    assert compiled(lowrank_adamw_).graphs > before  # what the update may need
+    seen = []
+    real = compiled(lowrank_adamw_)._compiled
+    compiled(lowrank_adamw_)._compiled = lambda *a, **k: (seen.append(torch._dynamo.config.recompile_limit), real(*a, **k))[1]
+    try:
+        for _ in range(3):
+            model(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        compiled(lowrank_adamw_)._compiled = real
+    assert seen and all(limit == compiled(lowrank_adamw_).graphs for limit in seen)
+    assert torch._dynamo.config.recompile_limit == before

@@ -335,7 +335,8 @@ def test_quantised_second_moment_rounding_to_zero_cannot_blow_up_a_step():
 
 
 def test_quantised_updates_are_compiled_by_default_and_eager_on_request():
-    from lowrank_compile.update import compiled, moments_direction
+    from lowrank_compile.compile import compiled
+    from lowrank_compile.update import moments_direction
 
     _, opt = _train(_model(), 1, state_dtype="int8")
     p = next(iter(opt.layers))
