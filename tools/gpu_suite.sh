@@ -150,7 +150,7 @@ LOG="$WORK/suite.log"
 SHARED_CONFIGS=("floor" "torch AdamW fused" "torchao AdamW8bit" "GaLore r, gap 200")
 LOWRANK_CONFIGS=("lowrank gap 1 fp32" "lowrank gap 50 int8 fused")
 # the change alone: options main does not have
-CHANGE_ONLY_CONFIGS=("lowrank gap 50 int8 fused, compile_step" "lowrank gap 50 fp32 fused, compile_step")
+CHANGE_ONLY_CONFIGS=("lowrank gap 50 int8 fused, compile_step")  # compiles for about 2 minutes on an H200
 COMMON=(--device "$DEVICE" --models "$MODEL" --dtype "$DTYPE" --batch "$BATCH" --time-batch "$BATCH"
         --rank "$RANK" --no-profile --warmup 2 --steps 5 --refresh-steps 2 --rounds 1 --threads "$THREADS"
         --timeout "$TIMEOUT")
