@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Callable, Mapping
 
@@ -82,26 +83,23 @@ class LowRankConfig:
         if self.sketch_rows and self.basis == "svd":
             raise ValueError("sketch_rows applies to basis='dct' or 'random'; basis='svd' takes an SVD of the full "
                              "gradient")
-        if not (isinstance(self.lr, numbers.Real) and self.lr >= 0):
-            raise ValueError(f"lr must be a number >= 0, got {self.lr!r}")
-        if not (isinstance(self.eps, numbers.Real) and self.eps >= 0):
-            raise ValueError(f"eps must be a number >= 0, got {self.eps!r}")
-        if not (isinstance(self.weight_decay, numbers.Real) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        for name in ("lr", "eps", "weight_decay"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2
-                and all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas)):
+                and all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         for name in ("stochastic_round", "fused", "decay_all"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile_step not in (None, True, False):
             raise ValueError(f"compile_step must be None, True or False, got {self.compile_step!r}")
-        if not isinstance(self.scale, numbers.Real):
-            raise ValueError(f"scale must be a number, got {self.scale!r}")
+        if not (_is_number(self.scale) and math.isfinite(self.scale)):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
         if self.clip_per_tensor is not None and not (
-                isinstance(self.clip_per_tensor, numbers.Real) and not isinstance(self.clip_per_tensor, bool)
-                and self.clip_per_tensor > 0):
-            raise ValueError(f"clip_per_tensor must be a number > 0 or None, got {self.clip_per_tensor!r}")
+                _is_number(self.clip_per_tensor) and math.isfinite(self.clip_per_tensor) and self.clip_per_tensor > 0):
+            raise ValueError(f"clip_per_tensor must be a finite number > 0 or None, got {self.clip_per_tensor!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ValueError(f"filter_fn must be a callable (module, fqn) -> bool or None, got {self.filter_fn!r}")
 
@@ -135,6 +133,11 @@ def resolve_rank(rank: int | float, basis_size: int) -> int:
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _is_number(value) -> bool:
+    """A real number that is not a bool (True is an int to Python, never a learning rate to a user)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_int(name: str, value, low: int, hint: str) -> None:

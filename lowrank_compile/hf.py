@@ -99,9 +99,9 @@ def make_trainer_optimizers(model: nn.Module, args: TrainingArguments, num_train
                          "parameters, and the rank-r gradients live in the layers' lowrank_grad carriers; use "
                          "bf16=True (no scaler) or full precision")
     if fused and args.max_grad_norm and args.max_grad_norm > 0:
-        logger.warning("fused=True: updates run inside backward, before Trainer clips gradients, so "
-                       "max_grad_norm=%s has no effect; set max_grad_norm=0 and pass clip_per_tensor to clip",
-                       args.max_grad_norm)
+        raise ValueError(f"fused=True updates each layer inside backward, before Trainer clips gradients, so "
+                         f"max_grad_norm={args.max_grad_norm} would clip nothing; set max_grad_norm=0 in "
+                         "TrainingArguments and pass clip_per_tensor=... to clip each gradient, or use fused=False")
     opt = wrap_model(model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                      weight_decay=args.weight_decay, **wrap_kwargs)
     if num_training_steps is None and args.max_steps > 0:

@@ -15,7 +15,9 @@ AdamW with the same hyper-parameters. The class gathers; the functions below com
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import types
 from typing import Callable, Iterable, Mapping
 
@@ -206,6 +208,23 @@ class LowRankAdamW(torch.optim.Optimizer):
                     carrier.grad = None
                 else:
                     carrier.grad.zero_()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> Tensor:
+        """Clip the global norm over every gradient this optimizer updates from, plain and rank-r, as
+        ``torch.nn.utils.clip_grad_norm_`` does; returns the total norm before clipping.
+
+        With ``fused=True`` each gradient is consumed inside backward, so no set of gradients exists at once to
+        clip: this raises; use ``clip_per_tensor`` there.
+        """
+        if self.fused:
+            raise RuntimeError("clip_grad_norm_ with fused=True: each gradient is used and freed inside backward, "
+                               "so there is nothing left to clip afterwards (torch.nn.utils.clip_grad_norm_ would "
+                               "return 0 and clip nothing); wrap with clip_per_tensor=max_norm to clip each "
+                               "gradient just before its update, or use fused=False")
+        holders = [self._layers[p].lowrank_grad if g["lowrank"] else p for g in self.param_groups for p in g["params"]]
+        return torch.nn.utils.clip_grad_norm_(holders, max_norm, norm_type=norm_type,
+                                              error_if_nonfinite=error_if_nonfinite, foreach=foreach)
 
     def lowrank_grads(self) -> list[Tensor]:
         """The rank-r gradients present now (the carriers' .grad), one per projected layer that has one."""
@@ -403,10 +422,16 @@ class LowRankAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load what :meth:`state_dict` returned, after checking all of it against this optimizer: the same
+        groups and parameters, hyper-parameters that wrap_model would accept, and for every parameter states of
+        the shape and storage this optimizer keeps, finite, with a whole step count and valid indices. Any
+        difference raises ValueError naming it, with this optimizer unchanged."""
+        if self._micro_steps:
+            raise RuntimeError("load_state_dict was called between the micro-batches of an accumulated step; load "
+                               "before the first micro-batch or after the step() that applies the update")
+        self._check_state_dict(state_dict)
         state_dict = dict(state_dict)
-        global_step = state_dict.pop("global_step", None)
-        if global_step is None:
-            raise ValueError("this state_dict has no 'global_step': it was not saved from a LowRankAdamW")
+        global_step = state_dict.pop("global_step")
         super().load_state_dict(state_dict)
         self._index_groups()
         # torch.optim.Optimizer.load_state_dict casts every state tensor but "step" to its parameter's dtype,
@@ -420,3 +445,65 @@ class LowRankAdamW(torch.optim.Optimizer):
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
         self.restore_after_load(int(global_step))
+
+    def _check_state_dict(self, sd) -> None:
+        """Raise ValueError naming the first way `sd` does not fit this optimizer (see load_state_dict)."""
+        if not isinstance(sd, dict) or not {"state", "param_groups"} <= set(sd):
+            raise ValueError(f"expected a dict from LowRankAdamW.state_dict() with 'state' and 'param_groups', got "
+                             f"{type(sd).__name__}")
+        step = sd.get("global_step")
+        if step is None:
+            raise ValueError("this state_dict has no 'global_step': it was not saved from a LowRankAdamW")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"global_step must be an int >= 0, got {step!r}")
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
+        states = sd["state"]
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(f"param group {gi}: the state_dict has {len(saved.get('params', ()))} parameters, "
+                                 f"this optimizer {len(group['params'])}")
+            for key in ("lowrank", "state_dtype", "state_policy"):
+                if saved.get(key) != group.get(key):
+                    raise ValueError(f"param group {gi}: {key} is {saved.get(key)!r} in the state_dict, "
+                                     f"{group.get(key)!r} here")
+            try:
+                dataclasses.replace(self._config, lr=saved.get("lr"), betas=tuple(saved.get("betas", ())),
+                                    eps=saved.get("eps"), weight_decay=saved.get("weight_decay"),
+                                    scale=saved.get("scale", 1.0), seed=saved.get("seed", 0),
+                                    stochastic_round=saved.get("stochastic_round", True))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"param group {gi}: {exc}") from None
+            for i, p in zip(saved["params"], group["params"]):
+                if i in states:
+                    self._check_param_state(states[i], p, group, f"param group {gi}, parameter {i}")
+
+    def _check_param_state(self, state: dict, p: Tensor, group: dict, where: str) -> None:
+        layer = self._layers.get(p) if group["lowrank"] else None
+        shape = tuple(layer.lowrank_grad.shape) if layer is not None else tuple(p.shape)
+        kind = "fp64" if group["state_dtype"] == "fp32" and p.dtype == torch.float64 else \
+            quant.storage_kind(shape, group["state_dtype"])
+        step = state.get("step")
+        if not isinstance(step, Tensor) or step.numel() != 1 or not (
+                math.isfinite(step.item()) and step.item() >= 0 and float(step.item()).is_integer()):
+            raise ValueError(f"{where}: step must be a whole count >= 0, got {step!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            s = state.get(key)
+            if not isinstance(s, Tensor) or tuple(s.shape) != shape or quant.kind_of(s) != kind:
+                got = "missing" if not isinstance(s, Tensor) else f"{tuple(s.shape)} {quant.kind_of(s)}"
+                raise ValueError(f"{where}: {key} must be a {shape} {kind} state, got {got}")
+            values = quant.dequantize(s)
+            if not torch.isfinite(values).all() or (key == "exp_avg_sq" and (values < 0).any()):
+                raise ValueError(f"{where}: {key} holds non-finite{' or negative' if key == 'exp_avg_sq' else ''} values")
+        if layer is not None:
+            key = self._selection_key(layer)
+            sel = state.get(key)
+            n, r = layer.basis_size, layer.lowrank_spec.rank
+            if key == "indices":
+                ok = isinstance(sel, Tensor) and tuple(sel.shape) == (r,) and not sel.is_floating_point() and (
+                    r == 0 or (int(sel.min()) >= 0 and int(sel.max()) < n and sel.unique().numel() == r))
+                if not ok:
+                    raise ValueError(f"{where}: indices must be {r} distinct integers in [0, {n}), got {sel!r}")
+            elif not (isinstance(sel, Tensor) and tuple(sel.shape) == (n, r) and torch.isfinite(sel).all()):
+                raise ValueError(f"{where}: basis must be a finite ({n}, {r}) tensor")

@@ -138,11 +138,22 @@ def wrap_model(
     quant.check_available(config.state_dtype, plan[0][1].weight.device)
     control = RefreshControl(config.update_gap, sketch_rows=config.sketch_rows, seed=config.seed)
     layers: dict[torch.Tensor, LowRankLinear] = {}
+    try:  # all or nothing: an error anywhere below leaves the model as it was
+        opt = _build(model, config, plan, control, layers)
+    except BaseException:
+        _undo(control)
+        raise
+    _log_summary(plan, [p for g in opt.param_groups if not g["lowrank"] for p in g["params"]])
+    return opt
+
+
+def _build(model: nn.Module, config: LowRankConfig, plan, control: RefreshControl,
+           layers: dict[torch.Tensor, LowRankLinear]) -> LowRankAdamW:
+    """Swap the planned layers in place (recording each in `layers` as it goes) and make the optimizer."""
     dense_carriers = distributed.is_multiprocess()  # DDP / FSDP2 reduce and shard the carriers: real storage
     for fqn, linear, spec in plan:
         layer = _lowrank_class(linear).wrap(linear, spec, control, dense_carrier=dense_carriers)
         layers[layer.weight] = layer
-
     projected = set(layers)
     carriers = {id(layer.lowrank_grad) for layer in layers.values()}
     decay, no_decay = [], []
@@ -160,8 +171,16 @@ def wrap_model(
     opt = LowRankAdamW(groups, layers, control, config, param_names=names)
     distributed.attach(opt, config.refresh_sync)  # a multi-process job: agree on refreshes, guard fused updates
     quant.log_storage(opt)
-    _log_summary(plan, decay + no_decay)
     return opt
+
+
+def _undo(control: RefreshControl) -> None:
+    """Unwrap every layer a failed wrap_model had already swapped, and remove its hooks."""
+    for handle in control.hooks:
+        handle.remove()
+    control.hooks.clear()
+    for layer in list(control.layers):
+        layer.unwrap()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

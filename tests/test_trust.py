@@ -1,0 +1,202 @@
+"""Nothing silent, nothing half-done: wrapping is all or nothing, bad options and state dicts are refused with the
+optimizer unchanged, and clipping that cannot work says so."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_compile as lrc
+from lowrank_compile import optimizer as optimizer_module
+from lowrank_compile.projection import LowRankLinear
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+
+def _train(model, opt, steps=3):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(8, 16, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _snapshot(model, opt):
+    """Everything a failed call must leave as it was, cloned."""
+    return dict(weights={k: v.clone() for k, v in model.state_dict().items()},
+                states={i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+                        for i, p in enumerate(p for g in opt.param_groups for p in g["params"])},
+                groups=[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                step=opt.global_step, selections=[layer.selection().clone() for layer in opt.layers.values()])
+
+
+def _assert_same(a, b):
+    assert a["step"] == b["step"] and a["groups"] == b["groups"]
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+    for i in a["states"]:
+        assert a["states"][i].keys() == b["states"][i].keys()
+        for k, v in a["states"][i].items():
+            assert torch.equal(v, b["states"][i][k]) if isinstance(v, torch.Tensor) else v == b["states"][i][k]
+    for x, y in zip(a["selections"], b["selections"]):
+        assert torch.equal(x, y)
+
+
+# -- wrap_model is all or nothing --------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["optimizer", "log_storage"])
+def test_a_failing_wrap_leaves_the_model_as_it_was(monkeypatch, where):
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if where == "optimizer":
+        monkeypatch.setattr(optimizer_module.LowRankAdamW, "__init__",
+                            lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
+    else:
+        monkeypatch.setattr(lrc.quant, "log_storage", lambda opt: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        lrc.wrap_model(model, rank=4, fused=True)
+    monkeypatch.undo()
+    assert not lrc.is_wrapped(model)
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.GELU) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    opt = lrc.wrap_model(model, rank=4)  # and it can be wrapped afterwards
+    _train(model, opt, 1)
+
+
+@pytest.mark.parametrize("option, value", [("lr", math.nan), ("lr", math.inf), ("weight_decay", math.inf),
+                                           ("scale", math.nan), ("eps", -1.0), ("fused", "no"), ("decay_all", 1),
+                                           ("stochastic_round", "yes"), ("lr", True), ("clip_per_tensor", math.inf)])
+def test_non_finite_numbers_and_non_bool_flags_are_refused(option, value):
+    model = _mlp()
+    with pytest.raises(ValueError, match=option):
+        lrc.wrap_model(model, rank=4, **{option: value})
+    assert not lrc.is_wrapped(model)
+
+
+# -- load_state_dict checks everything first ---------------------------------------------------------------------
+def _trained(**kw):
+    model = _mlp()
+    opt = lrc.wrap_model(model, rank=4, **kw)
+    _train(model, opt)
+    return model, opt
+
+
+def _corrupt(sd, how):
+    sd = copy.deepcopy(sd)
+    lowrank_id = sd["param_groups"][0]["params"][0]
+    if how == "lr string":
+        sd["param_groups"][0]["lr"] = "0.1"
+    elif how == "negative lr":
+        sd["param_groups"][1]["lr"] = -1.0
+    elif how == "betas 1.5":
+        sd["param_groups"][0]["betas"] = (1.5, 0.999)
+    elif how == "empty params":
+        sd["param_groups"][0]["params"] = []
+    elif how == "other state_dtype":
+        sd["param_groups"][0]["state_dtype"] = "bf16"
+    elif how == "negative exp_avg_sq":
+        sd["state"][lowrank_id]["exp_avg_sq"][0, 0] = -1.0
+    elif how == "nan exp_avg":
+        sd["state"][lowrank_id]["exp_avg"][0, 0] = math.nan
+    elif how == "fractional step":
+        sd["state"][lowrank_id]["step"] = torch.tensor(2.5)
+    elif how == "repeated indices":
+        sd["state"][lowrank_id]["indices"][1] = sd["state"][lowrank_id]["indices"][0]
+    elif how == "index out of range":
+        sd["state"][lowrank_id]["indices"][0] = 10_000
+    elif how == "bad global_step":
+        sd["global_step"] = -3
+    elif how == "no global_step":
+        del sd["global_step"]
+    else:
+        raise AssertionError(how)
+    return sd
+
+
+@pytest.mark.parametrize("how", ["lr string", "negative lr", "betas 1.5", "empty params", "other state_dtype",
+                                 "negative exp_avg_sq", "nan exp_avg", "fractional step", "repeated indices",
+                                 "index out of range", "bad global_step", "no global_step"])
+def test_load_state_dict_refuses_a_bad_state_dict_and_changes_nothing(how):
+    model, opt = _trained()
+    sd = _corrupt(opt.state_dict(), how)
+    _train(model, opt, 1)  # the optimizer has moved on since: a half-applied load would show
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(sd)
+    _assert_same(before, _snapshot(model, opt))
+
+
+def test_load_state_dict_refuses_another_rank_and_changes_nothing():
+    _, other = _trained()
+    model = _mlp()
+    opt = lrc.wrap_model(model, rank=6)
+    _train(model, opt)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="exp_avg|indices"):
+        opt.load_state_dict(other.state_dict())
+    _assert_same(before, _snapshot(model, opt))
+
+
+def test_load_state_dict_refuses_mid_accumulation():
+    model = _mlp()
+    opt = lrc.wrap_model(model, rank=4, accumulate=2)
+    _train(model, opt, 4)  # two whole steps
+    assert opt.micro_step == 0
+    sd = opt.state_dict()
+    model(torch.randn(8, 16)).square().mean().backward()
+    opt.step()  # the first of two micro-batches
+    assert opt.micro_step == 1
+    with pytest.raises(RuntimeError, match="micro-batches"):
+        opt.load_state_dict(sd)
+
+
+def test_a_good_state_dict_still_loads_and_resumes_exactly():
+    model, opt = _trained()
+    sd = copy.deepcopy(opt.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    _train(model, opt, 2)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    opt.load_state_dict(sd)
+    _train(model, opt, 2)
+    assert all(torch.equal(v, after[k]) for k, v in model.state_dict().items())
+
+
+# -- clipping that cannot work says so ----------------------------------------------------------------------------
+def test_clip_grad_norm_clips_plain_and_rank_r_gradients_like_torch():
+    model, opt = _trained()
+    model(torch.randn(8, 16)).square().mean().backward()
+    reference = copy.deepcopy([p.grad for p in model.parameters() if p.grad is not None])
+    holders = [torch.zeros_like(g).requires_grad_() for g in reference]
+    for h, g in zip(holders, reference):
+        h.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(holders, 1e-3)
+    total = opt.clip_grad_norm_(1e-3)
+    assert torch.allclose(total, torch.linalg.vector_norm(torch.stack([g.norm() for g in reference])))
+    got = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(got) == len(holders)
+    for g, h in zip(got, holders):
+        assert torch.allclose(g, h.grad)
+    assert total > 1e-3  # the clip did something
+
+
+def test_clip_grad_norm_refuses_fused():
+    model, opt = _trained(fused=True)
+    model(torch.randn(8, 16)).square().mean().backward()
+    with pytest.raises(RuntimeError, match="clip_per_tensor"):
+        opt.clip_grad_norm_(1.0)
+
+
+def test_wrapped_layers_stay_wrapped_after_a_refused_load():
+    model, opt = _trained()
+    sd = _corrupt(opt.state_dict(), "negative lr")
+    with pytest.raises(ValueError):
+        opt.load_state_dict(sd)
+    assert all(isinstance(layer, LowRankLinear) for layer in opt.layers.values())
