@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import types
 from typing import Callable, Iterable, Mapping
@@ -32,6 +33,8 @@ from .update import (adamw_, adamw_chunked_, clip_tensor_norm_, lowrank_adamw_, 
                      remap_states)
 
 __all__ = ["LowRankAdamW"]
+
+logger = logging.getLogger(__name__)
 
 
 class LowRankAdamW(torch.optim.Optimizer):
@@ -66,6 +69,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._group_of: dict[Tensor, dict] = {}
         self._counter_bases: dict[tuple[int, int], Tensor] = {}  # (seed, param index) -> quant.counter_base
+        self._skips: dict[torch.device, Tensor] = {}  # device -> count of updates skipped for non-finite gradients
+        self._skips_reported = 0
         self._index_groups()
         # graphs a compiled update may need: one per shape, times refresh / ordinary variants and row chunks
         shapes = {(tuple(p.shape), p.dtype) for g in self.param_groups for p in g["params"]}
@@ -123,6 +128,29 @@ class LowRankAdamW(torch.optim.Optimizer):
     def global_step(self) -> int:
         """Completed optimizer steps; the next step is global_step + 1."""
         return self._control.step
+
+    @property
+    def nonfinite_skips(self) -> Tensor:
+        """How many parameter updates were skipped because their gradient (rank-r for a projected weight) held
+        an inf or NaN: a 0-d int64 tensor, the total over parameters and steps. Such a parameter keeps its weight,
+        Adam states and selection for that step (its step count still advances); the check runs on the device,
+        so it never synchronises. Reading the value is a natural synchronisation; a warning is logged then (and
+        by state_dict) when the count has grown."""
+        total = sum((t.to("cpu") for t in self._skips.values()), torch.zeros((), dtype=torch.int64))
+        self._report_skips(int(total))
+        return total
+
+    def _report_skips(self, total: int) -> None:
+        if total > self._skips_reported:
+            logger.warning("lowrank_compile: %d parameter update(s) skipped for a non-finite gradient (%d in all); "
+                           "their weights and states were kept", total - self._skips_reported, total)
+            self._skips_reported = total
+
+    def _skips_on(self, device: torch.device) -> Tensor:
+        counter = self._skips.get(device)
+        if counter is None:
+            counter = self._skips[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return counter
 
     @torch.no_grad()
     def update_now(self, params: Iterable[Tensor]) -> None:
@@ -331,10 +359,12 @@ class LowRankAdamW(torch.optim.Optimizer):
             fn = compiled(lowrank_adamw_) if self._compile_step else lowrank_adamw_
             fn(params, [layer.lowrank_grad.grad for layer in layers], *moments[:2],
                [layer.columns(params[0].dtype) for layer in layers], moments[2], scale=group["scale"],
-               right=layers[0].lowrank_spec.right, **self._hyper(group, self._compile_step))
+               right=layers[0].lowrank_spec.right, skips=self._skips_on(params[0].device),
+               **self._hyper(group, self._compile_step))
         else:
             fn = compiled(adamw_) if self._compile_step else adamw_
-            fn(params, [p.grad for p in params], *moments, **self._hyper(group, self._compile_step))
+            fn(params, [p.grad for p in params], *moments, skips=self._skips_on(params[0].device),
+               **self._hyper(group, self._compile_step))
 
     def _new_state(self, shape: torch.Size, group: dict, like: Tensor, signed: bool = True) -> Tensor:
         """A zero Adam moment of `shape` in the group's state_dtype ("fp32" means fp64 next to fp64 weights).
@@ -360,7 +390,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         fn = compiled(lowrank_adamw_) if whole else functools.partial(lowrank_adamw_, direction=direction)
         cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
         fn([p], [layer.lowrank_grad.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [layer.columns(cdt)],
-           [state["step"]], scale=group["scale"], right=layer.lowrank_spec.right,
+           [state["step"]], scale=group["scale"], right=layer.lowrank_spec.right, skips=self._skips_on(p.device),
            rounding=[self._rounding(p, group, state, whole)], match=[self._pending_match.pop(p, None)],
            product_dtype=p.dtype if whole and p.dtype == torch.bfloat16 else None, **self._hyper(group, whole))
 
@@ -389,7 +419,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         h = self._hyper(group, False)
         adamw_chunked_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
                        h["weight_decay"], h["beta1"], h["beta2"], h["eps"], self._rounding(p, group, state, False),
-                       fn=self._state_fn(moments_direction, state["exp_avg"]))
+                       fn=self._state_fn(moments_direction, state["exp_avg"]), skips=self._skips_on(p.device))
 
     def _state_fn(self, fn: Callable, state: Tensor) -> Callable:
         """fn, compiled when it works on torchao-quantised states (unless compile_step=False)."""
@@ -417,6 +447,7 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     # -- state_dict --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._report_skips(int(sum(t.sum().item() for t in self._skips.values())))  # a save synchronises anyway
         sd = super().state_dict()
         sd["global_step"] = self._control.step
         return sd

@@ -37,7 +37,7 @@ def matched(s: Tensor, src: Tensor, kept: Tensor, dim: int) -> Tensor:
 
 
 def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float,
-                      match: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+                      match: tuple[Tensor, Tensor, int] | None = None, ok: Tensor | None = None) -> Tensor:
     """Update the moments m, v in place (after step has been advanced); return Adam's bias-corrected direction.
 
     Computed in fp32 (fp64 for fp64 states) whatever the states' storage: bf16 and torchao-quantised states are
@@ -45,6 +45,8 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     sqrt(bc2) / bc1, which is algebraically (m / bc1) / (sqrt(v / bc2) + eps).
     match: (src, kept, dim) from match_slots, to move the states to a refreshed selection first, in the same
     pass: quantised states are then decoded and encoded once per step, not twice.
+    ok: None, or a 0-d bool tensor (see finite_guard): where False, m and v keep their values and the direction is
+    0, decided on the device without a host synchronisation; where True, the result is bit for bit the unguarded one.
     """
     cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
     g = g.to(cdt)
@@ -52,9 +54,14 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     vf = quant.dequantize(v, cdt)
     if match is not None:
         mf, vf = matched(mf, *match), matched(vf, *match)
-    mf.mul_(beta1).add_(g, alpha=1 - beta1)
-    vf.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if mf is not m:  # low-precision or quantised storage: write back
+    if ok is None:
+        mf.mul_(beta1).add_(g, alpha=1 - beta1)
+        vf.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    else:  # the same operations out of place, then keep the old moments where the gradient was not finite
+        g = torch.where(ok, g, 0.0)
+        mf = torch.where(ok, mf.mul(beta1).add_(g, alpha=1 - beta1), mf)
+        vf = torch.where(ok, vf.mul(beta2).addcmul_(g, g, value=1 - beta2), vf)
+    if mf is not m:  # low-precision, quantised or guarded: write back
         m.copy_(mf)
         v.copy_(vf)
     step = step.to(cdt)
@@ -68,7 +75,26 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     if quant.is_quantized(m):
         bound = adam_ratio_bound(step, beta1, beta2) * 1.05  # slack for the fp32 rounding of the bound itself
         u.clamp_(-bound, bound)
+    if ok is not None:
+        u = torch.where(ok, u, 0.0)
     return u
+
+
+def finite_guard(g: Tensor, skips: Tensor | None) -> Tensor | None:
+    """For a non-finite guard: a 0-d bool tensor, whether every element of gradient g is finite, and count a
+    non-finite one into `skips` (a 0-d int64 tensor). None when skips is None (no guard). No host read."""
+    if skips is None:
+        return None
+    ok = torch.isfinite(g).all()
+    skips.add_((~ok).to(skips.device))
+    return ok
+
+
+def guarded_decay(decay, ok: Tensor | None, dtype: torch.dtype, device):
+    """The weight-decay factor, 1 where the update is skipped (ok False); a 0-d tensor then, else as given."""
+    if ok is None or decay is None:
+        return decay
+    return torch.where(ok, torch.full((), decay, dtype=dtype, device=device), 1.0)
 
 
 def adam_ratio_bound(step: Tensor, beta1: float, beta2: float) -> Tensor:
@@ -149,7 +175,7 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
                    cols: list[Tensor], steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float,
                    beta2: float, eps: float, scale: float, right: bool, rounding: list | None = None,
                    match: list[tuple | None] | None = None, product_dtype: torch.dtype | None = None,
-                   direction: Callable = None) -> None:
+                   direction: Callable = None, skips: Tensor | None = None) -> None:
     """Low-rank AdamW, in place: W (1 - lr wd) - lr scale back(u), for lists of same-shape projected layers.
 
     grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); cols: D_r, (n, r) in fp32 (fp64 for fp64
@@ -157,51 +183,62 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     moments_direction). rounding: per weight, None (to nearest), a torch.Generator or a quant.counter_base tensor.
     match: per weight, None or (src, kept, dim) to move its states to a refreshed selection first.
     product_dtype: see back_project_. direction: the moments function (default moments_direction; the optimizer
-    passes a compiled one for quantised states when the rest runs eagerly).
+    passes a compiled one for quantised states when the rest runs eagerly). skips: None, or a 0-d int64 counter:
+    a layer whose gradient is not finite then keeps its weight and states (its step count still advances) and
+    is counted there.
     """
     direction = direction or moments_direction
     for i, (w, g, m, v, d_r, step) in enumerate(zip(weights, grads, exp_avgs, exp_avg_sqs, cols, steps)):
         step.add_(1)
-        u = direction(g, m, v, step, beta1, beta2, eps, None if match is None else match[i])
+        ok = finite_guard(g, skips)
+        u = direction(g, m, v, step, beta1, beta2, eps, None if match is None else match[i], ok)
         decay = None if weight_decay == 0 else 1 - lr * weight_decay
+        decay = guarded_decay(decay, ok, w.dtype if w.dtype == torch.float64 else torch.float32, w.device)
         back_project_(w, u.mul_(-lr * scale), d_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
                       product_dtype=product_dtype)
 
 
 def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
            steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float, beta2: float, eps: float,
-           rounding: list | None = None) -> None:
-    """Plain AdamW, in place. fp32/fp64 parameters directly; low-precision ones in fp32, rounded once (rounding:
-    as in lowrank_adamw_)."""
+           rounding: list | None = None, skips: Tensor | None = None) -> None:
+    """Plain AdamW, in place. fp32/fp64 parameters directly; low-precision ones in fp32, rounded once (rounding,
+    skips: as in lowrank_adamw_)."""
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         step.add_(1)
-        u = moments_direction(g, m, v, step, beta1, beta2, eps)
+        ok = finite_guard(g, skips)
+        u = moments_direction(g, m, v, step, beta1, beta2, eps, None, ok)
+        wide = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
         if p.dtype in (torch.float32, torch.float64):
             if weight_decay != 0:
-                p.mul_(1 - lr * weight_decay)
+                p.mul_(guarded_decay(1 - lr * weight_decay, ok, wide, p.device))
             p.sub_(u.mul_(lr).to(p.dtype))
         else:  # decay and update in fp32, rounded once (stochastically for bf16 when keyed)
-            new = p.float().mul_(1 - lr * weight_decay).sub_(u.mul_(lr))
+            new = p.float().mul_(guarded_decay(1 - lr * weight_decay, ok, wide, p.device)).sub_(u.mul_(lr))
             write_back_(p, new, None if rounding is None else _rounding(rounding[i], step), 0)
 
 
 def adamw_chunked_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr, weight_decay: float, beta1: float,
-                   beta2: float, eps: float, rounding=None, fn=None, max_elems: int | None = None) -> None:
+                   beta2: float, eps: float, rounding=None, fn=None, max_elems: int | None = None,
+                   skips: Tensor | None = None) -> None:
     """Plain AdamW on one large parameter (an embedding, an lm_head) in block-aligned row chunks, so its fp32
-    temporaries never exist at full size. fn: the per-chunk function (moments_direction, possibly compiled)."""
+    temporaries never exist at full size. fn: the per-chunk function (moments_direction, possibly compiled).
+    skips: as in lowrank_adamw_ (the whole gradient is checked before the first chunk)."""
     fn = fn or moments_direction
     step.add_(1)
     rounding = _rounding(rounding, step)
+    ok = finite_guard(g, skips)
+    wide = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+    decay = guarded_decay(1 - lr * weight_decay, ok, wide, p.device)
     row = p.numel() // max(1, p.shape[0]) if p.ndim else 1
     chunks = row_chunks((p, g, m, v), max_elems or UPDATE_CHUNK_ELEMS, block=max(quant.BLOCK_SIZE.values()))
     for start, (w, gc, mc, vc) in chunks:
-        u = fn(gc, mc, vc, step, beta1, beta2, eps)
+        u = fn(gc, mc, vc, step, beta1, beta2, eps, None, ok)
         if w.dtype in (torch.float32, torch.float64):
             if weight_decay != 0:
-                w.mul_(1 - lr * weight_decay)
+                w.mul_(decay)
             w.add_(u.to(w.dtype), alpha=-lr)
         else:
-            write_back_(w, w.float().mul_(1 - lr * weight_decay).sub_(u, alpha=lr), rounding, start * row)
+            write_back_(w, w.float().mul_(decay).sub_(u, alpha=lr), rounding, start * row)
 
 
 def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: int) -> None:

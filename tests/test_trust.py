@@ -19,10 +19,10 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
 
 
-def _train(model, opt, steps=3):
+def _train(model, opt, steps=3, d=16):
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        model(torch.randn(8, 16, generator=gen)).square().mean().backward()
+        model(torch.randn(8, d, generator=gen)).square().mean().backward()
         opt.step()
         opt.zero_grad()
 
@@ -200,3 +200,54 @@ def test_wrapped_layers_stay_wrapped_after_a_refused_load():
     with pytest.raises(ValueError):
         opt.load_state_dict(sd)
     assert all(isinstance(layer, LowRankLinear) for layer in opt.layers.values())
+
+
+# -- non-finite gradients -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("target", ["left-projected", "right-projected", "plain"])
+def test_a_non_finite_gradient_skips_that_parameter_only_and_is_counted(state_dtype, target, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))  # up: right, down: left
+    opt = lrc.wrap_model(model, rank=8, state_dtype=state_dtype, weight_decay=0.1, update_gap=1000)
+    _train(model, opt, 2, d=64)
+    model(torch.randn(8, 64)).square().mean().backward()
+    up, down = model[0], model[2]
+    holder = {"left-projected": down.lowrank_grad, "right-projected": up.lowrank_grad, "plain": up.bias}[target]
+    param = {"left-projected": down.weight, "right-projected": up.weight, "plain": up.bias}[target]
+    holder.grad.view(-1)[3] = math.nan if target != "plain" else math.inf  # one element
+    kept = {k: lrc.quant.dequantize(v).clone() for k, v in opt.state[param].items() if k != "step"}
+    before = {n: p.clone() for n, p in model.named_parameters() if "lowrank_grad" not in n}
+    opt.step()
+    for n, p in model.named_parameters():
+        if "lowrank_grad" in n:
+            continue
+        assert torch.isfinite(p).all(), n
+        if p is param:
+            assert torch.equal(p, before[n]), n  # kept, weight decay included
+        else:
+            assert not torch.equal(p, before[n]), n  # the others trained
+    for k, v in kept.items():
+        assert torch.equal(lrc.quant.dequantize(opt.state[param][k]), v), k
+    with caplog.at_level("WARNING"):
+        assert opt.nonfinite_skips.item() == 1
+    assert "non-finite" in caplog.text
+    opt.zero_grad()
+    _train(model, opt, 2, d=64)  # and training goes on, finite
+    assert opt.nonfinite_skips.item() == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_guard_changes_nothing_for_finite_gradients():
+    """Two identical runs, one through the guarded update and one with the guard switched off by hand: equal."""
+    from lowrank_compile import update
+
+    runs = []
+    for guard in (True, False):
+        model = _mlp()
+        opt = lrc.wrap_model(model, rank=4, weight_decay=0.1)
+        if not guard:
+            opt._skips_on = lambda device: None  # every update function then runs unguarded
+        _train(model, opt, 4)
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert update.finite_guard(torch.ones(3), None) is None
