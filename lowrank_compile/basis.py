@@ -42,9 +42,9 @@ def dct_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device 
     if n < 1:
         raise ValueError(f"DCT size must be >= 1, got {n}")
     j = torch.arange(n, dtype=torch.float64)
-    d = torch.cos(math.pi * j[None, :] * (2 * j[:, None] + 1) / (2 * n)) * math.sqrt(2.0 / n)  # (n, n): [j, k]
-    d[:, 0] *= math.sqrt(0.5)
-    return d.to(dtype=dtype, device=device)
+    D = torch.cos(math.pi * j[None, :] * (2 * j[:, None] + 1) / (2 * n)) * math.sqrt(2.0 / n)  # (n, n): [j, k]
+    D[:, 0] *= math.sqrt(0.5)
+    return D.to(dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -56,8 +56,8 @@ def random_orthonormal_matrix(
     The generator is seeded from (seed, n) alone, so every process and device gets the same basis.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + n)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))[None, :]  # unique QR: positive diagonal of R
+    q, upper = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(upper))[None, :]  # unique QR: positive diagonal of R
     return q.to(dtype=dtype, device=device)
 
 
@@ -130,9 +130,9 @@ def use_fft(n: int) -> bool:
         return True
     if n < SMOOTH_FFT_MIN_SIZE:
         return False
-    for p in _SMOOTH_PRIMES:
-        while n % p == 0:
-            n //= p
+    for prime in _SMOOTH_PRIMES:
+        while n % prime == 0:
+            n //= prime
     return n == 1
 
 
@@ -148,39 +148,39 @@ _SHARED: dict[tuple, Tensor] = {}
 
 
 def basis_matrix(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (n, n) basis of a fixed-basis kind ("dct" or "random"), one shared tensor per key.
+    """D, the (n, n) basis of a fixed-basis kind ("dct" or "random"), one shared tensor per key.
 
     A plain dict rather than lru_cache: torch.compile traces a dict lookup into a guarded graph input,
     whereas it would trace through lru_cache and rebuild the matrix inside the graph. Stored column-major
     (a transposed view of D^T) so that gather_columns copies contiguous memory.
     """
     key = (kind, n, dtype, torch.device(device))
-    table = _SHARED.get(key)
-    if table is None:
+    D = _SHARED.get(key)
+    if D is None:
         if kind == "dct":
-            table = dct_matrix(n, dtype, device)
+            D = dct_matrix(n, dtype, device)
         elif kind == "random":
-            table = random_orthonormal_matrix(n, dtype, device)
+            D = random_orthonormal_matrix(n, dtype, device)
         else:
             raise ValueError(f"basis {kind!r} has no fixed matrix; fixed bases are 'dct' and 'random'")
-        table = _SHARED[key] = table.t().contiguous().t()
-    return table
+        D = _SHARED[key] = D.t().contiguous().t()
+    return D
 
 
-def gather_columns(table: Tensor, idx: Tensor) -> Tensor:
-    """D_r = table[:, idx], (n, r), as a column-major view: for a basis_matrix table it reads whole columns.
+def gather_columns(D: Tensor, idx: Tensor) -> Tensor:
+    """D_r = D[:, idx], (n, r), as a column-major view: for a basis_matrix D it reads whole columns.
 
     On a 2-core CPU (n = 1024, r = 256) this gather took 0.12 ms against 0.65 ms for index_select(1, idx) of a
-    row-major table, and x @ D_r ran 1.5x faster with the column-major result.
+    row-major D, and x @ D_r ran 1.5x faster with the column-major result.
     """
-    return table.t().index_select(0, idx).t()
+    return D.t().index_select(0, idx).t()
 
 
-def transform_rows(kind: str, x: Tensor, table: Tensor) -> Tensor:
-    """x @ D for the fixed basis `kind` whose matrix is `table`: all basis coordinates of every row.
+def transform_rows(kind: str, x: Tensor, D: Tensor) -> Tensor:
+    """x @ D for the fixed basis `kind` whose (n, n) matrix is D: all basis coordinates of every row.
 
-    The DCT of large rows goes through the FFT and never reads `table`.
+    The DCT of large rows goes through the FFT and never reads D.
     """
     if kind == "dct" and use_fft(x.shape[-1]):
         return dct_rows_fft(x)
-    return x @ table.to(x.dtype)
+    return x @ D.to(x.dtype)

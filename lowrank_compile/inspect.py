@@ -48,7 +48,7 @@ def summarize(path: str) -> tuple[list[dict], dict]:
             "adamw": 2 * numel * _DTYPE_BYTES.get(e["dtype"], 4) + 4,
         })
     totals = {"tensors": sum(sizes.values()), "file": os.path.getsize(path),
-              "adamw": sum(r["adamw"] for r in rows), "global_step": meta["global_step"],
+              "adamw": sum(row["adamw"] for row in rows), "global_step": meta["global_step"],
               "state_dtype": meta["state_dtype"]}
     return rows, totals
 
@@ -65,17 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    cols = [("name", "parameter"), ("shape", "shape"), ("side", "side"), ("rank", "rank"),
-            ("state_shape", "state shape"), ("state", "state dtype"),
-            ("bytes", "bytes")]
-    table = [[str(r[k]) for k, _ in cols] for r in rows]
-    widths = [max(len(title), *(len(t[i]) for t in table)) if table else len(title) for i, (_, title) in
-              enumerate(cols)]
-    line = "  ".join(title.ljust(w) for (_, title), w in zip(cols, widths))
+    fields = [("name", "parameter"), ("shape", "shape"), ("side", "side"), ("rank", "rank"),
+              ("state_shape", "state shape"), ("state", "state dtype"),
+              ("bytes", "bytes")]
+    cells = [[str(row[k]) for k, _ in fields] for row in rows]
+    widths = [max(len(title), *(len(c[i]) for c in cells)) if cells else len(title) for i, (_, title) in
+              enumerate(fields)]
+    line = "  ".join(title.ljust(w) for (_, title), w in zip(fields, widths))
     print(line)
     print("-" * len(line))
-    for t in table:
-        print("  ".join(v.rjust(w) if i == len(t) - 1 else v.ljust(w) for i, (v, w) in enumerate(zip(t, widths))))
+    for c in cells:
+        print("  ".join(v.rjust(w) if i == len(c) - 1 else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths))))
     print("-" * len(line))
     ratio = totals["adamw"] / max(totals["tensors"], 1)
     print(f"total: {totals['tensors']} bytes of state ({_fmt_bytes(totals['tensors'])}; file "

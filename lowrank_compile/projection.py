@@ -5,8 +5,9 @@ forms G: its backward returns the exact input gradient gy W and, for the weight,
     right (out >= in): G_low = gy^T (x D_r)      (out, r)
     left  (out <  in): G_low = (gy D_r)^T x      (r, in)
 where D_r holds the r selected columns of a fixed basis (arXiv:2505.17967). On a refresh step the columns
-are re-selected from x and gy blockwise (see selection.py) and the new indices are written into the
-layer's index buffer in place, inside backward.
+are re-selected from x and gy blockwise (see selection.py) and the new indices idx are written into the
+layer's index buffer (``lowrank_idx``) in place, inside backward. Names follow METHOD.md: D the full (n, n)
+basis, idx the r selected indices, D_r = D[:, idx]; norm_p is the order of the norm that ranks the columns.
 
 Autograd will not put an (out, r) gradient into W.grad, so each layer registers a carrier parameter,
 ``lowrank_grad``, of the rank-r shape: its ``.grad`` receives G_low, so ``clip_grad_norm_(model.parameters())``
@@ -32,7 +33,7 @@ from .basis import basis_matrix, gather_columns, transform_rows
 from .selection import (norm_order, select_left, select_right, select_top_r, sketch_matrix, sketched_left_scores,
                         sketched_right_scores)
 
-__all__ = ["LayerSpec", "RefreshControl", "LowRankLinear", "table_dtype"]
+__all__ = ["LayerSpec", "RefreshControl", "LowRankLinear", "basis_dtype"]
 
 CARRIER = "lowrank_grad"
 INDEX = "lowrank_idx"
@@ -51,6 +52,11 @@ class LayerSpec:
     @property
     def right(self) -> bool:
         return self.side == "right"
+
+    @property
+    def norm_p(self) -> int:
+        """The order of the norm that ranks basis columns: 1 for "l1", 2 for "l2"."""
+        return norm_order(self.norm)
 
 
 class RefreshControl:
@@ -71,7 +77,7 @@ class RefreshControl:
         self.step = 0  # completed optimizer steps
         self.layers: list["LowRankLinear"] = []
         self.hooks: list = []  # removable handles of the optimizer's in-backward updates (fused=True)
-        self.sketches: dict[tuple, Tensor] = {}  # (m, p, device) -> (k, m) sketch, redrawn before each refresh
+        self.sketches: dict[tuple, Tensor] = {}  # (m, norm_p, device) -> (k, m) sketch, redrawn before each refresh
         # Multi-process training: an object whose right_scores / left_scores / summed_gradient agree on the
         # refresh across processes (lowrank_compile.distributed.RefreshReducer). None: this process's own.
         self.score_reducer = None
@@ -96,25 +102,29 @@ class RefreshControl:
             for key, omega in self.sketches.items():
                 omega.copy_(self._draw_sketch(*key))
 
-    def sketch(self, m: int, p: int, device: torch.device) -> Tensor:
-        """The shared (k, m) sketch for the non-basis side m, the same on every process for a given step."""
-        key = (m, p, torch.device(device))
+    def sketch(self, m: int, norm_p: int, device: torch.device) -> Tensor:
+        """The shared (k, m) sketch for the non-basis side m and norm order norm_p, the same on every process for a
+        given step."""
+        key = (m, norm_p, torch.device(device))
         omega = self.sketches.get(key)
         if omega is None:
             omega = self.sketches[key] = self._draw_sketch(*key)
         return omega
 
-    def _draw_sketch(self, m: int, p: int, device: torch.device) -> Tensor:
-        seed = (self.seed * 1_000_003 + self.step) * 65_537 + m * 3 + p
-        return sketch_matrix(self.sketch_rows, m, p, seed).to(device)
+    def _draw_sketch(self, m: int, norm_p: int, device: torch.device) -> Tensor:
+        seed = (self.seed * 1_000_003 + self.step) * 65_537 + m * 3 + norm_p
+        return sketch_matrix(self.sketch_rows, m, norm_p, seed).to(device)
 
     def advance(self) -> None:
         self.set_step(self.step + 1)
 
 
-def table_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """Bases are kept in fp32 (fp64 for fp64 weights); low-precision weights cast the gathered columns."""
+def basis_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Bases (D, and the svd D_r) are kept in fp32 (fp64 for fp64 weights); low-precision weights cast D_r."""
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+table_dtype = basis_dtype  # the former name, kept for code that imports it (examples/quickstart.py)
 
 
 def svd_basis(g: Tensor, r: int, right: bool) -> Tensor:
@@ -123,59 +133,62 @@ def svd_basis(g: Tensor, r: int, right: bool) -> Tensor:
     return vh[:r].t() if right else u[:, :r]
 
 
-def rank_r_grad(x2: Tensor, g2: Tensor, proj: Tensor, table: Tensor | None, spec_right: bool, kind: str,
-                p: int, refresh: bool, omega: Tensor | None = None, reducer=None) -> Tensor:
+def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, right: bool, kind: str,
+                norm_p: int, refresh: bool, omega: Tensor | None = None, reducer=None) -> Tensor:
     """G_low of one layer from inputs x2 (T, in) and output gradients g2 (T, out), both of dtype cdt.
 
     In general: the projection of g2^T x2 (a transposed weight passes the two swapped).
-    proj is the layer's int64 index buffer (fixed bases) or its (n, r) basis buffer (svd); on a refresh
-    step it is overwritten in place with the new selection. omega: a (k, m) sketch of the non-basis side for
+    selection is the layer's selection buffer (LowRankLinear.selection()): for a fixed basis ("dct", "random")
+    its int64 indices idx (r,) into D, the shared (n, n) basis; for "svd" the (n, r) basis D_r itself, and D is
+    None. On a refresh step it is overwritten in place with the new selection. norm_p: the order of the norm
+    that ranks the columns (1 or 2, selection.norm_order). omega: a (k, m) sketch of the non-basis side for
     estimated scores, or None for exact ones. reducer: None, or the RefreshControl's score_reducer, through
     which the processes of a data-parallel job agree on the refresh (lowrank_compile.distributed); the
     returned G_low is always this process's own (DDP averages it).
     """
     cdt = g2.dtype
     if kind == "svd":
+        D_r = selection  # (n, r): the svd basis is stored whole, not as indices into a fixed D
         if refresh:
-            r = proj.shape[1]
             g = g2.t() @ x2  # (out, in): the one mode that forms the full gradient, at refresh only
-            basis = svd_basis(g if reducer is None else reducer.summed_gradient(g), r, spec_right)
-            proj.copy_(basis)
-            basis = basis.to(cdt)
-            return g @ basis if spec_right else basis.t() @ g
-        d_r = proj.to(cdt)
+            new_D_r = svd_basis(g if reducer is None else reducer.summed_gradient(g), D_r.shape[1], right)
+            D_r.copy_(new_D_r)
+            new_D_r = new_D_r.to(cdt)
+            return g @ new_D_r if right else new_D_r.t() @ g
+        D_r = D_r.to(cdt)
     else:
+        idx = selection  # (r,) int64: D_r = D[:, idx]
         if refresh:
-            r = proj.shape[0]
-            if spec_right:
-                xd = transform_rows(kind, x2, table)  # (T, n): x in basis coordinates
+            r = idx.shape[0]
+            if right:
+                xd = transform_rows(kind, x2, D)  # (T, n): x in basis coordinates
                 if reducer is None and omega is None:  # exact, this process alone: select and project in one pass
-                    idx, g_low = select_right(g2, xd, p, r)
-                    proj.copy_(idx)
+                    new_idx, g_low = select_right(g2, xd, norm_p, r)
+                    idx.copy_(new_idx)
                     return g_low
                 if reducer is not None:
-                    scores = reducer.right_scores(g2, xd, p, omega)
+                    scores = reducer.right_scores(g2, xd, norm_p, omega)
                 else:
-                    scores = sketched_right_scores(g2, xd, omega, p)
-                idx = select_top_r(scores, r)
-                proj.copy_(idx)
-                return g2.t() @ xd.index_select(1, idx)  # (out, T) @ (T, r)
-            gd = transform_rows(kind, g2, table)  # (T, n): gy in basis coordinates
+                    scores = sketched_right_scores(g2, xd, omega, norm_p)
+                new_idx = select_top_r(scores, r)
+                idx.copy_(new_idx)
+                return g2.t() @ xd.index_select(1, new_idx)  # (out, T) @ (T, r)
+            gd = transform_rows(kind, g2, D)  # (T, n): gy in basis coordinates
             if reducer is None and omega is None:
-                idx, g_low = select_left(gd, x2, p, r)
-                proj.copy_(idx)
+                new_idx, g_low = select_left(gd, x2, norm_p, r)
+                idx.copy_(new_idx)
                 return g_low
             if reducer is not None:
-                scores = reducer.left_scores(gd, x2, p, omega)
+                scores = reducer.left_scores(gd, x2, norm_p, omega)
             else:
-                scores = sketched_left_scores(gd, x2, omega, p)
-            idx = select_top_r(scores, r)
-            proj.copy_(idx)
-            return gd.index_select(1, idx).t() @ x2  # (r, T) @ (T, in)
-        d_r = gather_columns(table, proj).to(cdt)  # (n, r)
-    if spec_right:
-        return g2.t() @ (x2 @ d_r)  # (out, T) @ (T, r) -> (out, r)
-    return (g2 @ d_r).t() @ x2  # (r, T) @ (T, in) -> (r, in)
+                scores = sketched_left_scores(gd, x2, omega, norm_p)
+            new_idx = select_top_r(scores, r)
+            idx.copy_(new_idx)
+            return gd.index_select(1, new_idx).t() @ x2  # (r, T) @ (T, in)
+        D_r = gather_columns(D, idx).to(cdt)  # (n, r)
+    if right:
+        return g2.t() @ (x2 @ D_r)  # (out, T) @ (T, r) -> (out, r)
+    return (g2 @ D_r).t() @ x2  # (r, T) @ (T, in) -> (r, in)
 
 
 def carrier_data(shape, dtype: torch.dtype, device, dense: bool) -> Tensor:
@@ -195,33 +208,36 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: boo
 
 
 class _ProjectedLinearFn(torch.autograd.Function):
-    """y = x W^T + b (x W + b if transposed); backward: exact grad of x and b, rank-r grad of W to the carrier."""
+    """y = x W^T + b (x W + b if transposed); backward: exact grad of x and b, rank-r grad of W to the carrier.
+
+    selection: the layer's selection buffer, idx for a fixed basis D or the (n, r) D_r for "svd" (rank_r_grad).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, carrier, proj, table, omega, right: bool, kind: str, p: int, refresh: bool,
-                transposed: bool, reducer=None):
+    def forward(ctx, x, weight, bias, carrier, selection, D, omega, right: bool, kind: str, norm_p: int,
+                refresh: bool, transposed: bool, reducer=None):
         if torch.compiler.is_compiling():
-            ctx.save_for_backward(x, weight, proj, table, omega)
-            ctx.proj_version = None
+            ctx.save_for_backward(x, weight, selection, D, omega)
+            ctx.selection_version = None
         else:
-            # Eager: keep proj outside saved_tensors and remember its version. A layer called twice in one forward
-            # has two backward nodes; on a refresh step the first to run rewrites proj in place, and the second
-            # must then project onto that selection instead of selecting again (one basis per layer per step).
-            ctx.save_for_backward(x, weight, table, omega)
-            ctx.proj, ctx.proj_version = proj, proj._version
+            # Eager: keep the selection outside saved_tensors and remember its version. A layer called twice in one
+            # forward has two backward nodes; on a refresh step the first to run rewrites the selection in place,
+            # and the second must then project onto it instead of selecting again (one basis per layer per step).
+            ctx.save_for_backward(x, weight, D, omega)
+            ctx.selection, ctx.selection_version = selection, selection._version
         ctx.reducer = reducer
-        ctx.meta = (right, kind, p, refresh, transposed, carrier.dtype, None if bias is None else bias.dtype)
+        ctx.meta = (right, kind, norm_p, refresh, transposed, carrier.dtype, None if bias is None else bias.dtype)
         return dense_linear(x, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, gy):
-        right, kind, p, refresh, transposed, carrier_dtype, bias_dtype = ctx.meta
-        if ctx.proj_version is None:
-            x, weight, proj, table, omega = ctx.saved_tensors
+        right, kind, norm_p, refresh, transposed, carrier_dtype, bias_dtype = ctx.meta
+        if ctx.selection_version is None:
+            x, weight, selection, D, omega = ctx.saved_tensors
         else:
-            x, weight, table, omega = ctx.saved_tensors
-            proj = ctx.proj
-            refresh = refresh and proj._version == ctx.proj_version
+            x, weight, D, omega = ctx.saved_tensors
+            selection = ctx.selection
+            refresh = refresh and selection._version == ctx.selection_version
         cdt = gy.dtype
         g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
         grad_x = grad_bias = grad_low = None
@@ -232,8 +248,9 @@ class _ProjectedLinearFn(torch.autograd.Function):
             grad_bias = g2.sum(0).to(bias_dtype)
         if ctx.needs_input_grad[3]:
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)  # (T, in)
-            rows, cols = (x2, g2) if transposed else (g2, x2)  # the stored weight's gradient is rows^T cols
-            grad_low = rank_r_grad(cols, rows, proj, table, right, kind, p, refresh, omega,
+            # the stored weight's gradient is row_factor^T col_factor: gy^T x, or x^T gy for a transposed weight
+            row_factor, col_factor = (x2, g2) if transposed else (g2, x2)
+            grad_low = rank_r_grad(col_factor, row_factor, selection, D, right, kind, norm_p, refresh, omega,
                                    ctx.reducer).to(carrier_dtype)
         return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None, None, None
 
@@ -270,13 +287,13 @@ class LowRankLinear(nn.Linear):
         linear._lowrank_hook = carrier.register_post_accumulate_grad_hook(linear.note_grad_ready)
         n = in_f if spec.right else out_f
         if spec.basis == "svd":
-            linear.register_buffer(SVD_BASIS, torch.zeros(n, r, dtype=table_dtype(w.dtype), device=w.device),
+            linear.register_buffer(SVD_BASIS, torch.zeros(n, r, dtype=basis_dtype(w.dtype), device=w.device),
                                    persistent=False)
         else:
             linear.register_buffer(INDEX, torch.arange(r, dtype=torch.int64, device=w.device), persistent=False)
-            basis_matrix(spec.basis, n, table_dtype(w.dtype), w.device)  # build the shared table now, not in a graph
+            basis_matrix(spec.basis, n, basis_dtype(w.dtype), w.device)  # build the shared D now, not in a graph
             if control.sketch_rows:
-                control.sketch(out_f if spec.right else in_f, norm_order(spec.norm), w.device)
+                control.sketch(out_f if spec.right else in_f, spec.norm_p, w.device)
         return linear
 
     def unwrap(self) -> nn.Linear:
@@ -328,7 +345,7 @@ class LowRankLinear(nn.Linear):
         return self._lowrank_refreshed
 
     def restore_selection(self, selection: Tensor | None) -> None:
-        """Set the selection from a loaded state (indices, or the svd basis), or with None mark the layer as
+        """Set the selection from a loaded state (idx, or the svd basis D_r), or with None mark the layer as
         unselected: it then selects from its first gradient, whatever the step."""
         if selection is not None:
             self.selection().copy_(selection)
@@ -346,7 +363,7 @@ class LowRankLinear(nn.Linear):
         return out_f if self.lowrank_spec.right else in_f
 
     def selection(self) -> Tensor:
-        """The layer's current projection: int64 indices (r,) for dct/random, the (n, r) basis for svd."""
+        """The layer's current selection: its indices idx, int64 (r,), for dct/random; the (n, r) basis D_r for svd."""
         return getattr(self, SVD_BASIS) if self.lowrank_spec.basis == "svd" else getattr(self, INDEX)
 
     def columns(self, dtype: torch.dtype) -> Tensor:
@@ -354,23 +371,23 @@ class LowRankLinear(nn.Linear):
         spec = self.lowrank_spec
         if spec.basis == "svd":
             return getattr(self, SVD_BASIS).to(dtype)
-        table = basis_matrix(spec.basis, self.basis_size, table_dtype(dtype), self.weight.device)
-        return gather_columns(table, getattr(self, INDEX)).to(dtype)
+        D = basis_matrix(spec.basis, self.basis_size, basis_dtype(dtype), self.weight.device)
+        return gather_columns(D, getattr(self, INDEX)).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         carrier = getattr(self, CARRIER)
         if not (torch.is_grad_enabled() and (carrier.requires_grad or x.requires_grad)):
             return dense_linear(x, self.weight, self.bias, self._lowrank_transposed)
         spec = self.lowrank_spec
-        table = omega = None
+        D = omega = None
         if spec.basis != "svd":
-            table = basis_matrix(spec.basis, self.basis_size, table_dtype(self.weight.dtype), self.weight.device)
+            D = basis_matrix(spec.basis, self.basis_size, basis_dtype(self.weight.dtype), self.weight.device)
             if self._lowrank_control.sketch_rows:
-                omega = self._lowrank_control.sketch(self.other_size, norm_order(spec.norm), self.weight.device)
+                omega = self._lowrank_control.sketch(self.other_size, spec.norm_p, self.weight.device)
         refresh = self._lowrank_refresh
         reducer = self._lowrank_control.score_reducer if refresh else None  # only refreshes talk to other processes
-        return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), table, omega,
-                                        spec.right, spec.basis, norm_order(spec.norm), refresh,
+        return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), D, omega,
+                                        spec.right, spec.basis, spec.norm_p, refresh,
                                         self._lowrank_transposed, reducer)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -1,11 +1,11 @@
 """Refresh agreement: the processes of a data-parallel job select the same basis columns at every refresh.
 
-On a refresh step each layer ranks its basis columns by the norm of the projected gradient and keeps the
-top r (METHOD.md section 3). Inside backward a process only sees its own micro-batch, so left alone every
-process would pick its own columns and the replicas would drift apart. A :class:`RefreshReducer` installed
-on the model's RefreshControl (``control.score_reducer``; projection.rank_r_grad calls it on refresh
-steps only) makes every process agree. It scores with selection.py's pieces (the block rule, the score
-rows, the sketches) and adds only the communication:
+On a refresh step each layer ranks its basis columns by the norm of the projected gradient and keeps the top r
+as its indices idx (METHOD.md section 3). Inside backward a process only sees its own micro-batch, so left
+alone every process would pick its own columns and the replicas would drift apart. A :class:`RefreshReducer`
+installed on the model's RefreshControl (``control.score_reducer``; projection.rank_r_grad calls it on refresh
+steps only) makes every process agree. It scores with selection.py's pieces (the block rule, the score rows,
+the sketches) and adds only the communication:
 
 - ``"exact"``: the similarity S = G D (right) or D^T G (left) of the *global* gradient, summed over
   processes one (out, block) / (block, in) slice at a time (all-reduce each slice, then take its column
@@ -104,7 +104,7 @@ class RefreshReducer:
         self._all_reduce(s)
         return s
 
-    def _blockwise(self, n: int, rows_of: Callable[[slice], Tensor], p: int) -> Tensor:
+    def _blockwise(self, n: int, rows_of: Callable[[slice], Tensor], norm_p: int) -> Tensor:
         """Row norms of the summed similarity (one row per basis index), one all-reduced block at a time.
 
         The all-reduce of block i overlaps the product of block i + 1, so at most two blocks are alive; a
@@ -116,38 +116,41 @@ class RefreshReducer:
             s = _float_for_reduce(rows_of(slice(start, start + block))).contiguous()
             work = self._all_reduce(s, async_op=True)
             if pending is not None:
-                parts.append(self._finish(*pending, p))
+                parts.append(self._finish(*pending, norm_p))
             pending = (work, s)
-        parts.append(self._finish(*pending, p))
+        parts.append(self._finish(*pending, norm_p))
         return torch.cat(parts)
 
     @staticmethod
-    def _finish(work, s: Tensor, p: int) -> Tensor:
+    def _finish(work, s: Tensor, norm_p: int) -> Tensor:
         if work is not None:
             work.wait()
-        return p_norms(s, p, dim=1)
+        return p_norms(s, norm_p, dim=1)
 
-    def right_scores(self, gy: Tensor, xd: Tensor, p: int, omega: Tensor | None) -> Tensor:
-        """Agreed scores of the n basis columns, right projection. gy: (T, out); xd: (T, n) = x D; omega: (k, out)."""
+    def right_scores(self, gy: Tensor, xd: Tensor, norm_p: int, omega: Tensor | None) -> Tensor:
+        """Agreed scores of the n basis columns, right projection. gy: (T, out); xd: (T, n) = x D; omega: (k, out).
+
+        norm_p: the order of the norm columns are ranked by (1 or 2, selection.norm_order).
+        """
         if omega is not None:
             s = right_sketch(gy, xd, omega)  # (k, n)
             if self.mode == "exact":  # linear in G: the summed sketch is the global batch's sketch
-                return sketch_norms(self._summed(s), p, dim=0)
-            return self._summed(sketch_norms(s, p, dim=0))
+                return sketch_norms(self._summed(s), norm_p, dim=0)
+            return self._summed(sketch_norms(s, norm_p, dim=0))
         if self.mode == "exact":
-            return self._blockwise(xd.shape[1], right_score_rows(gy, xd), p)  # (b, out) slices of (G D)^T
-        return self._summed(right_scores(gy, xd, p, self.block))
+            return self._blockwise(xd.shape[1], right_score_rows(gy, xd), norm_p)  # (b, out) slices of (G D)^T
+        return self._summed(right_scores(gy, xd, norm_p, self.block))
 
-    def left_scores(self, gd: Tensor, x: Tensor, p: int, omega: Tensor | None) -> Tensor:
+    def left_scores(self, gd: Tensor, x: Tensor, norm_p: int, omega: Tensor | None) -> Tensor:
         """Agreed scores of the n basis columns, left projection. gd: (T, n) = gy D; x: (T, in); omega: (k, in)."""
         if omega is not None:
             s = left_sketch(gd, x, omega)  # (n, k)
             if self.mode == "exact":
-                return sketch_norms(self._summed(s), p, dim=1)
-            return self._summed(sketch_norms(s, p, dim=1))
+                return sketch_norms(self._summed(s), norm_p, dim=1)
+            return self._summed(sketch_norms(s, norm_p, dim=1))
         if self.mode == "exact":
-            return self._blockwise(gd.shape[1], left_score_rows(gd, x), p)  # (b, in) slices of D^T G
-        return self._summed(left_scores(gd, x, p, self.block))
+            return self._blockwise(gd.shape[1], left_score_rows(gd, x), norm_p)  # (b, in) slices of D^T G
+        return self._summed(left_scores(gd, x, norm_p, self.block))
 
     def summed_gradient(self, g: Tensor) -> Tensor:
         """basis="svd": the full gradient summed over processes (a new tensor), whose SVD every process takes.

@@ -1,12 +1,14 @@
 """Choosing the r basis columns a layer keeps: blockwise column scores and a reproducible top-r.
 
-For a layer with gradient G = gy^T x (tokens flattened), right projection scores column k of the basis
-by ||G d_k||_p over rows, left projection by ||d_k^T G||_p over columns (arXiv:2505.17967). Both are
+For a layer with gradient G = gy^T x (tokens flattened), right projection scores column k of the basis D
+by ||G d_k||_p over rows, left projection by ||d_k^T G||_p over columns (arXiv:2505.17967), where p, the norm
+order, is 1 ("l1", the default) or 2 ("l2") and is called ``norm_p`` throughout the package. Both are
 computed from the transformed operand (x D or gy D) in blocks of basis columns, so at most one
 (out, block) or (block, in) slice of the projected gradient exists at a time — never the full gradient.
-select_right / select_left keep the best r columns of the blocks seen so far, so the exact refresh gets
-the rank-r gradient of its selection without a second product. The pieces (the block rule, the rows a score
-is the norm of, the sketches) are public: lowrank_compile.refresh_sync scores with them across processes.
+select_right / select_left keep the best r columns of the blocks seen so far, so the exact refresh gets its
+indices idx and the rank-r gradient on D_r = D[:, idx] without a second product. The pieces (the block rule, the
+rows a score is the norm of, the sketches) are public: lowrank_compile.refresh_sync scores with them across
+processes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ SCORE_BLOCK = 256
 
 
 def norm_order(norm: str) -> int:
+    """norm_p, the order p of the p-norm that ranks basis columns, from the norm's name ("l1" or "l2")."""
     if norm == "l1":
         return 1
     if norm == "l2":
@@ -32,20 +35,20 @@ def norm_order(norm: str) -> int:
     raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
 
 
-def right_scores(gy: Tensor, xd: Tensor, p: int, block: int = SCORE_BLOCK) -> Tensor:
-    """Scores of the n basis columns for right projection: ||gy^T xd[:, k]||_p, blockwise.
+def right_scores(gy: Tensor, xd: Tensor, norm_p: int, block: int = SCORE_BLOCK) -> Tensor:
+    """Scores of the n basis columns for right projection: ||gy^T xd[:, k]||_p with p = norm_p, blockwise.
 
     gy: (T, out) output gradients; xd: (T, n) = x @ D. Returns (n,) in float32 (float64 for float64 input).
     """
-    return _block_scores(right_score_rows(gy, xd), xd.shape[1], p, block)
+    return _block_scores(right_score_rows(gy, xd), xd.shape[1], norm_p, block)
 
 
-def left_scores(gd: Tensor, x: Tensor, p: int, block: int = SCORE_BLOCK) -> Tensor:
-    """Scores of the n basis columns for left projection: ||gd[:, k]^T x||_p, blockwise.
+def left_scores(gd: Tensor, x: Tensor, norm_p: int, block: int = SCORE_BLOCK) -> Tensor:
+    """Scores of the n basis columns for left projection: ||gd[:, k]^T x||_p with p = norm_p, blockwise.
 
     gd: (T, n) = gy @ D; x: (T, in) inputs. Returns (n,).
     """
-    return _block_scores(left_score_rows(gd, x), gd.shape[1], p, block)
+    return _block_scores(left_score_rows(gd, x), gd.shape[1], norm_p, block)
 
 
 def right_score_rows(gy: Tensor, xd: Tensor) -> Callable[[slice | Tensor], Tensor]:
@@ -63,20 +66,20 @@ def left_score_rows(gd: Tensor, x: Tensor) -> Callable[[slice | Tensor], Tensor]
     return lambda k: gd[:, k].t() @ x
 
 
-def _block_scores(rows_of, n: int, p: int, block: int) -> Tensor:
+def _block_scores(rows_of, n: int, norm_p: int, block: int) -> Tensor:
     """p-norms of the n rows of rows_of(...), formed `block` rows at a time (never the whole gradient)."""
     block = block_size_for(n, block)
-    return torch.cat([p_norms(rows_of(slice(s, s + block)), p, dim=1) for s in range(0, n, block)])
+    return torch.cat([p_norms(rows_of(slice(start, start + block)), norm_p, dim=1) for start in range(0, n, block)])
 
 
-def p_norms(s: Tensor, p: int, dim: int) -> Tensor:
-    """p-norms (p = 1 or 2) of s along dim, accumulated in fp32 (fp64 for fp64 s).
+def p_norms(s: Tensor, norm_p: int, dim: int) -> Tensor:
+    """p-norms (p = norm_p, 1 or 2) of s along dim, accumulated in fp32 (fp64 for fp64 s).
 
     Written as abs/square then sum: torch.linalg.vector_norm along the strided dim 0 of a row-major matrix was
     6x slower than this on a 2-core CPU (13 ms against 2 ms for a (2736, 1024) block, torch 2.13).
     """
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    if p == 1:
+    if norm_p == 1:
         return s.abs().sum(dim, dtype=acc)
     return s.square().sum(dim, dtype=acc).sqrt()
 
@@ -89,23 +92,23 @@ def block_size_for(n: int, block: int) -> int:
     return max(1, min(block, (n + 1) // 2))
 
 
-def select_right(gy: Tensor, xd: Tensor, p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
+def select_right(gy: Tensor, xd: Tensor, norm_p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
     """Exact right selection and its rank-r gradient in one blockwise pass: (idx (r,), gy^T xd[:, idx] (out, r)).
 
-    The same columns as select_top_r(right_scores(gy, xd, p), r), without computing the selected ones twice:
+    The same columns as select_top_r(right_scores(gy, xd, norm_p), r), without computing the selected ones twice:
     each block of G D is scored and merged into the best r columns kept so far, so at most the kept r and
     one block of columns exist at a time. Blocks are formed transposed, (b, out), so merges gather rows.
     """
-    idx, kept = _select_streaming(right_score_rows(gy, xd), xd.shape[1], p, r, block)
+    idx, kept = _select_streaming(right_score_rows(gy, xd), xd.shape[1], norm_p, r, block)
     return idx, kept.t().contiguous()
 
 
-def select_left(gd: Tensor, x: Tensor, p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
+def select_left(gd: Tensor, x: Tensor, norm_p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
     """Exact left selection and its rank-r gradient in one blockwise pass: (idx (r,), gd[:, idx]^T x (r, in))."""
-    return _select_streaming(left_score_rows(gd, x), gd.shape[1], p, r, block)
+    return _select_streaming(left_score_rows(gd, x), gd.shape[1], norm_p, r, block)
 
 
-def _select_streaming(rows_of, n: int, p: int, r: int, block: int) -> tuple[Tensor, Tensor]:
+def _select_streaming(rows_of, n: int, norm_p: int, r: int, block: int) -> tuple[Tensor, Tensor]:
     """Blockwise top-r of the rows of rows_of(slice) (one row per basis index) by their p-norms.
 
     For distinct scores the result equals select_top_r on all n scores: the top r of a union is the top r of
@@ -113,13 +116,13 @@ def _select_streaming(rows_of, n: int, p: int, r: int, block: int) -> tuple[Tens
     """
     merge_block = block_size_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r rows was fastest
     if r + merge_block >= n:  # a merge would hold the whole gradient: score in blocks, then form the r rows
-        idx = select_top_r(_block_scores(rows_of, n, p, block), r)
+        idx = select_top_r(_block_scores(rows_of, n, norm_p, block), r)
         return idx, rows_of(idx)
     block = merge_block
     kept = kept_scores = kept_idx = None
     for start in range(0, n, block):
         part = rows_of(slice(start, start + block))  # (b, other side)
-        scores = p_norms(part, p, dim=1)
+        scores = p_norms(part, norm_p, dim=1)
         idx = torch.arange(start, start + scores.shape[0], device=scores.device)
         if kept is not None:
             part = torch.cat([kept, part])
@@ -141,13 +144,13 @@ def select_top_r(scores: Tensor, r: int) -> Tensor:
     return torch.topk(scores, r, largest=True, sorted=True).indices
 
 
-def sketch_matrix(k: int, m: int, p: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A (k, m) random sketch for estimating p-norms: Cauchy entries for p=1, standard Gaussian for p=2.
+def sketch_matrix(k: int, m: int, norm_p: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A (k, m) random sketch for estimating p-norms: Cauchy entries for norm_p=1, standard Gaussian for norm_p=2.
 
     Drawn on CPU from a generator seeded by `seed` alone, so every process draws the same matrix.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    if p == 1:
+    if norm_p == 1:
         u = torch.rand(k, m, generator=gen, dtype=torch.float64)
         omega = torch.tan(torch.pi * (u - 0.5))  # standard Cauchy: 1-stable
     else:
@@ -174,29 +177,29 @@ def left_sketch(gd: Tensor, x: Tensor, omega: Tensor) -> Tensor:
     return gd.t() @ xs  # (n, k)
 
 
-def sketch_norms(s: Tensor, p: int, dim: int) -> Tensor:
+def sketch_norms(s: Tensor, norm_p: int, dim: int) -> Tensor:
     """Estimate p-norms from k sketched projections along `dim` (dim 0 of a right sketch, dim 1 of a left one).
 
-    p=1: each entry is Cauchy with scale ||.||_1, and the median of |standard Cauchy| is 1 (Indyk, 2006).
-    p=2: each entry is Gaussian with variance ||.||_2^2.
+    norm_p=1: each entry is Cauchy with scale ||.||_1, and the median of |standard Cauchy| is 1 (Indyk, 2006).
+    norm_p=2: each entry is Gaussian with variance ||.||_2^2.
     """
     s = s.float() if s.dtype != torch.float64 else s
-    if p == 1:
+    if norm_p == 1:
         return s.abs().median(dim=dim).values
     return s.square().mean(dim=dim).sqrt()
 
 
-def sketched_right_scores(gy: Tensor, xd: Tensor, omega: Tensor, p: int) -> Tensor:
+def sketched_right_scores(gy: Tensor, xd: Tensor, omega: Tensor, norm_p: int) -> Tensor:
     """Estimated right-projection scores from a k-row sketch of the output gradient: (gy Ω^T)^T (x D).
 
     gy: (T, out); xd: (T, n); omega: (k, out). Costs T k (out + n) instead of T out n.
     """
-    return sketch_norms(right_sketch(gy, xd, omega), p, dim=0)  # (k, n) -> (n,)
+    return sketch_norms(right_sketch(gy, xd, omega), norm_p, dim=0)  # (k, n) -> (n,)
 
 
-def sketched_left_scores(gd: Tensor, x: Tensor, omega: Tensor, p: int) -> Tensor:
+def sketched_left_scores(gd: Tensor, x: Tensor, omega: Tensor, norm_p: int) -> Tensor:
     """Estimated left-projection scores from a k-column sketch of the input: (gy D)^T (x Ω^T).
 
     gd: (T, n); x: (T, in); omega: (k, in).
     """
-    return sketch_norms(left_sketch(gd, x, omega), p, dim=1)  # (n, k) -> (n,)
+    return sketch_norms(left_sketch(gd, x, omega), norm_p, dim=1)  # (n, k) -> (n,)

@@ -104,8 +104,8 @@ def test_dct_rows_and_transform_rows_equal_matmul(n):
     x = torch.randn(2, 2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     want = x @ B.dct_matrix(n, torch.float64)
     torch.testing.assert_close(B.dct_rows(x), want, rtol=0, atol=1e-12)
-    table = B.basis_matrix("dct", n, torch.float64, torch.device("cpu"))
-    torch.testing.assert_close(B.transform_rows("dct", x, table), want, rtol=0, atol=1e-12)
+    D = B.basis_matrix("dct", n, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(B.transform_rows("dct", x, D), want, rtol=0, atol=1e-12)
 
 
 def test_dct_rows_is_reproducible():
@@ -127,11 +127,11 @@ def test_random_orthonormal_matrix_is_orthonormal_and_seeded(n):
 
 
 def test_random_transform_rows_is_matmul():
-    """transform_rows("random") is x @ Q with the random table."""
+    """transform_rows("random") is x @ Q with the random basis D = Q."""
     n = 12
-    table = B.basis_matrix("random", n, torch.float64, torch.device("cpu"))
+    D = B.basis_matrix("random", n, torch.float64, torch.device("cpu"))
     x = torch.randn(3, 4, n, dtype=torch.float64)
-    torch.testing.assert_close(B.transform_rows("random", x, table), x @ B.random_orthonormal_matrix(n, torch.float64))
+    torch.testing.assert_close(B.transform_rows("random", x, D), x @ B.random_orthonormal_matrix(n, torch.float64))
 
 
 def test_basis_matrix_is_shared_per_key():
@@ -141,8 +141,8 @@ def test_basis_matrix_is_shared_per_key():
     assert B.basis_matrix("dct", 24, torch.float64, "cpu") is a
     assert B.basis_matrix("dct", 24, torch.float32, cpu) is not a
     assert B.basis_matrix("dct", 25, torch.float64, cpu).shape == (25, 25)
-    r = B.basis_matrix("random", 24, torch.float64, cpu)
-    assert r is not a and B.basis_matrix("random", 24, torch.float64, cpu) is r
+    q = B.basis_matrix("random", 24, torch.float64, cpu)
+    assert q is not a and B.basis_matrix("random", 24, torch.float64, cpu) is q
     torch.testing.assert_close(a, dct_basis(24), rtol=0, atol=1e-14)
     with pytest.raises(ValueError):
         B.basis_matrix("svd", 24, torch.float64, cpu)
@@ -151,10 +151,10 @@ def test_basis_matrix_is_shared_per_key():
 
 @pytest.mark.parametrize("kind", ["dct", "random"])
 def test_gather_columns_equals_indexing_the_basis(kind):
-    """gather_columns(table, idx) is exactly table[:, idx] (any order, repeats allowed), and is column-major."""
-    table = B.basis_matrix(kind, 40, torch.float64, torch.device("cpu"))
-    assert table.stride() == (1, 40)  # stored column-major: a gathered column is contiguous memory
+    """gather_columns(D, idx) is exactly D[:, idx] (any order, repeats allowed), and is column-major."""
+    D = B.basis_matrix(kind, 40, torch.float64, torch.device("cpu"))
+    assert D.stride() == (1, 40)  # stored column-major: a gathered column is contiguous memory
     idx = torch.tensor([7, 0, 39, 7, 12])
-    got = B.gather_columns(table, idx)
+    got = B.gather_columns(D, idx)
     assert got.shape == (40, 5) and got.stride() == (1, 40)
-    assert torch.equal(got, table[:, idx])
+    assert torch.equal(got, D[:, idx])

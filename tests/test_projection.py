@@ -62,8 +62,8 @@ def check_step(dense, wrapped, layer, x, c, basis):
     assert layer.weight.grad is None and not layer.weight.requires_grad
     G = lin.weight.grad
     right = layer.lowrank_spec.right
-    d_r = basis[:, layer.lowrank_idx]
-    torch.testing.assert_close(layer.lowrank_grad.grad, project(G, d_r, right), rtol=1e-12, atol=1e-14)
+    D_r = basis[:, layer.lowrank_idx]
+    torch.testing.assert_close(layer.lowrank_grad.grad, project(G, D_r, right), rtol=1e-12, atol=1e-14)
     return G, layer.lowrank_idx.clone()
 
 
