@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 import lowrank_compile as lrc
 from lowrank_compile.basis import basis_matrix
-from lowrank_compile.projection import LowRankLinear, table_dtype
+from lowrank_compile.projection import LowRankLinear, basis_dtype
 
 VOCAB = 256  # bytes
 
@@ -179,7 +179,7 @@ def persistent_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     for m in model.modules():
         if isinstance(m, LowRankLinear) and m.lowrank_spec.basis != "svd":
-            tensors.append(basis_matrix(m.lowrank_spec.basis, m.basis_size, table_dtype(m.weight.dtype),
+            tensors.append(basis_matrix(m.lowrank_spec.basis, m.basis_size, basis_dtype(m.weight.dtype),
                                         m.weight.device))
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in tensors if isinstance(t, torch.Tensor)}

@@ -124,7 +124,6 @@ def basis_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
-table_dtype = basis_dtype  # the former name, kept for code that imports it (examples/quickstart.py)
 
 
 def svd_basis(g: Tensor, r: int, right: bool) -> Tensor:

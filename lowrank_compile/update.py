@@ -141,7 +141,7 @@ def _rounding(source, step: Tensor):
     return quant.counter_key(source, step) if isinstance(source, Tensor) else source
 
 
-def back_project_(w: Tensor, u: Tensor, d_r: Tensor, right: bool, decay=None, rounding=None,
+def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, rounding=None,
                   max_elems: int | None = None, product_dtype: torch.dtype | None = None) -> None:
     """W <- decay W + back(u), back(u) = u D_r^T (right) or D_r u (left): decay and back-projection, in one place.
 
@@ -154,17 +154,17 @@ def back_project_(w: Tensor, u: Tensor, d_r: Tensor, right: bool, decay=None, ro
     if w.dtype in (torch.float32, torch.float64):
         if decay is not None:
             w.mul_(decay)
-        u, d_r = u.to(w.dtype), d_r.to(w.dtype)
+        u, D_r = u.to(w.dtype), D_r.to(w.dtype)
         if right:
-            w.addmm_(u, d_r.t())  # (out, r) @ (r, in)
+            w.addmm_(u, D_r.t())  # (out, r) @ (r, in)
         else:
-            w.addmm_(d_r, u)  # (out, r) @ (r, in)
+            w.addmm_(D_r, u)  # (out, r) @ (r, in)
         return
     pdt = product_dtype or torch.float32
-    u, d_r = u.to(pdt), d_r.to(pdt)
+    u, D_r = u.to(pdt), D_r.to(pdt)
     row = w.shape[1]
-    for start, (w_rows, factor) in row_chunks((w, u if right else d_r), max_elems or UPDATE_CHUNK_ELEMS):
-        delta = factor @ d_r.t() if right else factor @ u
+    for start, (w_rows, factor) in row_chunks((w, u if right else D_r), max_elems or UPDATE_CHUNK_ELEMS):
+        delta = factor @ D_r.t() if right else factor @ u
         new = w_rows.float()
         if decay is not None:
             new = new.mul_(decay)  # decay in fp32: rounded alone, it is lost
@@ -172,13 +172,13 @@ def back_project_(w: Tensor, u: Tensor, d_r: Tensor, right: bool, decay=None, ro
 
 
 def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                   cols: list[Tensor], steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float,
+                   D_rs: list[Tensor], steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float,
                    beta2: float, eps: float, scale: float, right: bool, rounding: list | None = None,
                    match: list[tuple | None] | None = None, product_dtype: torch.dtype | None = None,
                    direction: Callable = None, skips: Tensor | None = None) -> None:
     """Low-rank AdamW, in place: W (1 - lr wd) - lr scale back(u), for lists of same-shape projected layers.
 
-    grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); cols: D_r, (n, r) in fp32 (fp64 for fp64
+    grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); D_rs: each layer's D_r, (n, r) in fp32 (fp64 for fp64
     weights); steps: 0-d tensors. Works for any weight dtype and state storage (see back_project_ and
     moments_direction). rounding: per weight, None (to nearest), a torch.Generator or a quant.counter_base tensor.
     match: per weight, None or (src, kept, dim) to move its states to a refreshed selection first.
@@ -188,13 +188,13 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     is counted there.
     """
     direction = direction or moments_direction
-    for i, (w, g, m, v, d_r, step) in enumerate(zip(weights, grads, exp_avgs, exp_avg_sqs, cols, steps)):
+    for i, (w, g, m, v, D_r, step) in enumerate(zip(weights, grads, exp_avgs, exp_avg_sqs, D_rs, steps)):
         step.add_(1)
         ok = finite_guard(g, skips)
         u = direction(g, m, v, step, beta1, beta2, eps, None if match is None else match[i], ok)
         decay = None if weight_decay == 0 else 1 - lr * weight_decay
         decay = guarded_decay(decay, ok, w.dtype if w.dtype == torch.float64 else torch.float32, w.device)
-        back_project_(w, u.mul_(-lr * scale), d_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
+        back_project_(w, u.mul_(-lr * scale), D_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
                       product_dtype=product_dtype)
 
 
