@@ -69,7 +69,8 @@ class LowRankConfig:
         _check_int("update_gap", self.update_gap, 1, "use 1 to refresh the basis every step")
         _check_int("accumulate", self.accumulate, 1, "micro-batches per step")
         _check_int("sketch_rows", self.sketch_rows, 0, "0: exact scores")
-        _check_int("seed", self.seed, 0, "any int >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
         _check_choice("basis", self.basis, BASES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("state_policy", self.state_policy, STATE_POLICIES)

@@ -112,7 +112,7 @@ class RefreshControl:
         return omega
 
     def _draw_sketch(self, m: int, norm_p: int, device: torch.device) -> Tensor:
-        seed = (self.seed * 1_000_003 + self.step) * 65_537 + m * 3 + norm_p
+        seed = ((self.seed * 1_000_003 + self.step) * 65_537 + m * 3 + norm_p) % (1 << 63)  # any int seed
         return sketch_matrix(self.sketch_rows, m, norm_p, seed).to(device)
 
     def advance(self) -> None:
@@ -158,36 +158,40 @@ def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, rig
     else:
         idx = selection  # (r,) int64: D_r = D[:, idx]
         if refresh:
-            r = idx.shape[0]
-            if right:
-                xd = transform_rows(kind, x2, D)  # (T, n): x in basis coordinates
-                if reducer is None and omega is None:  # exact, this process alone: select and project in one pass
-                    new_idx, g_low = select_right(g2, xd, norm_p, r)
-                    idx.copy_(new_idx)
-                    return g_low
-                if reducer is not None:
-                    scores = reducer.right_scores(g2, xd, norm_p, omega)
-                else:
-                    scores = sketched_right_scores(g2, xd, omega, norm_p)
-                new_idx = select_top_r(scores, r)
-                idx.copy_(new_idx)
-                return g2.t() @ xd.index_select(1, new_idx)  # (out, T) @ (T, r)
-            gd = transform_rows(kind, g2, D)  # (T, n): gy in basis coordinates
-            if reducer is None and omega is None:
-                new_idx, g_low = select_left(gd, x2, norm_p, r)
-                idx.copy_(new_idx)
-                return g_low
-            if reducer is not None:
-                scores = reducer.left_scores(gd, x2, norm_p, omega)
-            else:
-                scores = sketched_left_scores(gd, x2, omega, norm_p)
-            new_idx = select_top_r(scores, r)
-            idx.copy_(new_idx)
-            return gd.index_select(1, new_idx).t() @ x2  # (r, T) @ (T, in)
+            new_idx, g_low = _refresh(x2, g2, idx.shape[0], D, right, kind, norm_p, omega, reducer)
+            # A gradient that is not finite, or all zero, ranks nothing: keep the previous selection (decided
+            # on the device; the optimizer then skips a non-finite update, and a zero one is zero in any basis).
+            keep = ~torch.isfinite(g_low).all() | (g_low == 0).all()
+            idx.copy_(torch.where(keep, idx, new_idx))
+            return g_low
         D_r = gather_columns(D, idx).to(cdt)  # (n, r)
     if right:
         return g2.t() @ (x2 @ D_r)  # (out, T) @ (T, r) -> (out, r)
     return (g2 @ D_r).t() @ x2  # (r, T) @ (T, in) -> (r, in)
+
+
+def _refresh(x2: Tensor, g2: Tensor, r: int, D: Tensor, right: bool, kind: str, norm_p: int, omega: Tensor | None,
+             reducer) -> tuple[Tensor, Tensor]:
+    """A refresh of a fixed-basis layer: the new indices (r,) and the rank-r gradient on them (see rank_r_grad)."""
+    if right:
+        xd = transform_rows(kind, x2, D)  # (T, n): x in basis coordinates
+        if reducer is None and omega is None:  # exact, this process alone: select and project in one pass
+            return select_right(g2, xd, norm_p, r)
+        if reducer is not None:
+            scores = reducer.right_scores(g2, xd, norm_p, omega)
+        else:
+            scores = sketched_right_scores(g2, xd, omega, norm_p)
+        new_idx = select_top_r(scores, r)
+        return new_idx, g2.t() @ xd.index_select(1, new_idx)  # (out, T) @ (T, r)
+    gd = transform_rows(kind, g2, D)  # (T, n): gy in basis coordinates
+    if reducer is None and omega is None:
+        return select_left(gd, x2, norm_p, r)
+    if reducer is not None:
+        scores = reducer.left_scores(gd, x2, norm_p, omega)
+    else:
+        scores = sketched_left_scores(gd, x2, omega, norm_p)
+    new_idx = select_top_r(scores, r)
+    return new_idx, gd.index_select(1, new_idx).t() @ x2  # (r, T) @ (T, in)
 
 
 def carrier_data(shape, dtype: torch.dtype, device, dense: bool) -> Tensor:
@@ -270,6 +274,18 @@ class LowRankLinear(nn.Linear):
              ) -> "LowRankLinear":
         out_f, in_f = linear.weight.shape
         r = spec.rank
+        w = linear.weight
+        n = in_f if spec.right else out_f
+        # everything that can fail first, so a failure leaves the layer untouched
+        if spec.basis == "svd":
+            buffer_name, buffer = SVD_BASIS, torch.zeros(n, r, dtype=basis_dtype(w.dtype), device=w.device)
+        else:
+            buffer_name, buffer = INDEX, torch.arange(r, dtype=torch.int64, device=w.device)
+            basis_matrix(spec.basis, n, basis_dtype(w.dtype), w.device)  # build the shared D now, not in a graph
+            if control.sketch_rows:
+                control.sketch(out_f if spec.right else in_f, spec.norm_p, w.device)
+        carrier_shape = (out_f, r) if spec.right else (r, in_f)
+        carrier = nn.Parameter(carrier_data(carrier_shape, w.dtype, w.device, dense_carrier))
         linear.__class__ = cls
         linear.lowrank_spec = spec
         linear._lowrank_control = control
@@ -278,21 +294,10 @@ class LowRankLinear(nn.Linear):
         linear._lowrank_selected = False
         linear._lowrank_dense_carrier = dense_carrier
         control.layers.append(linear)
-        w = linear.weight
         w.requires_grad_(False)
-        carrier_shape = (out_f, r) if spec.right else (r, in_f)
-        carrier = nn.Parameter(carrier_data(carrier_shape, w.dtype, w.device, dense_carrier))
         linear.register_parameter(CARRIER, carrier)
         linear._lowrank_hook = carrier.register_post_accumulate_grad_hook(linear.note_grad_ready)
-        n = in_f if spec.right else out_f
-        if spec.basis == "svd":
-            linear.register_buffer(SVD_BASIS, torch.zeros(n, r, dtype=basis_dtype(w.dtype), device=w.device),
-                                   persistent=False)
-        else:
-            linear.register_buffer(INDEX, torch.arange(r, dtype=torch.int64, device=w.device), persistent=False)
-            basis_matrix(spec.basis, n, basis_dtype(w.dtype), w.device)  # build the shared D now, not in a graph
-            if control.sketch_rows:
-                control.sketch(out_f if spec.right else in_f, spec.norm_p, w.device)
+        linear.register_buffer(buffer_name, buffer, persistent=False)
         return linear
 
     def unwrap(self) -> nn.Linear:

@@ -251,3 +251,55 @@ def test_the_guard_changes_nothing_for_finite_gradients():
         runs.append({k: v.clone() for k, v in model.state_dict().items()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert update.finite_guard(torch.ones(3), None) is None
+
+
+@pytest.mark.parametrize("seed", [2**31 - 1, 1_764_000_000, 2**70, -5])
+def test_any_int_seed_works_with_sketched_refreshes(seed):
+    model = _mlp()
+    opt = lrc.wrap_model(model, rank=4, sketch_rows=8, seed=seed)
+    _train(model, opt, 2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_failure_inside_one_layer_wrap_leaves_every_layer_as_it_was(monkeypatch):
+    from lowrank_compile import projection
+
+    calls = []
+    real = projection.basis_matrix
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(projection, "basis_matrix", failing)
+    model = _mlp()
+    keys = set(model.state_dict())
+    with pytest.raises(RuntimeError, match="injected"):
+        lrc.wrap_model(model, rank=4)
+    assert not lrc.is_wrapped(model) and set(model.state_dict()) == keys
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(name.endswith("lowrank_grad") for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["zero", "nan"])
+def test_a_refresh_from_a_zero_or_non_finite_gradient_keeps_the_selection(kind):
+    model = _mlp()
+    opt = lrc.wrap_model(model, rank=4, update_gap=1)
+    _train(model, opt, 2)
+    selections = [layer.selection().clone() for layer in opt.layers.values()]
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    x = torch.randn(8, 16)
+    if kind == "nan":
+        x[0, 0] = math.nan
+    loss = model(x).square().mean() * (0.0 if kind == "zero" else 1.0)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    for layer, before in zip(opt.layers.values(), selections):
+        assert torch.equal(layer.selection(), before)
+    for n, p in model.named_parameters():
+        if kind == "nan" and "lowrank_grad" not in n:
+            assert torch.equal(p, weights[n]), n  # every gradient was NaN: nothing moved
+    assert all(torch.isfinite(p).all() for p in model.parameters())
