@@ -49,6 +49,10 @@ class LowRankAdamW(torch.optim.Optimizer):
     ``micro_step``, ``global_step``, :meth:`update_now`, :meth:`rebind_param` and :meth:`restore_after_load`.
     """
 
+    # torch.amp.GradScaler hands an optimizer with this flag its scale and inf flag instead of unscaling by itself
+    # (GradScaler.step); step() uses that to refuse a scaler it cannot yet serve correctly (see step).
+    _step_supports_amp_scaling = True
+
     def __init__(self, param_groups: list[dict], layers: Mapping[Tensor, LowRankLinear], control: RefreshControl,
                  config: LowRankConfig, param_names: Mapping[Tensor, str] | None = None):
         defaults = dict(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
@@ -267,6 +271,12 @@ class LowRankAdamW(torch.optim.Optimizer):
         backward / step / zero_grad per micro-batch needs no change. With ``fused=True`` the updates already
         ran inside backward and step only advances the counter.
         """
+        if hasattr(self, "grad_scale") or hasattr(self, "found_inf"):
+            raise RuntimeError(
+                "torch.amp.GradScaler is not supported yet: its unscale_ and inf checks see only the gradients of "
+                "the optimizer's parameters, not the projected layers' rank-r gradients (in their lowrank_grad "
+                "carriers), so it would apply scaled gradients and miss infs in them. Train in bf16 (no scaler) or "
+                "fp32, or keep fp16 layers out of the projection with filter_fn.")
         loss = None
         if closure is not None:
             with torch.enable_grad():
