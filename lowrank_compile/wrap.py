@@ -232,9 +232,14 @@ def _plan(model: nn.Module, config: LowRankConfig) -> list[tuple[str, nn.Linear,
             raise ValueError(f"nothing to project: {type(model).__name__} has no nn.Linear layer")
         if too_small:
             largest = max(min(s) for _, s, _ in too_small)
-            raise ValueError(f"rank={config.rank!r} leaves nothing to project: every eligible nn.Linear has its "
-                             f"smaller side <= its rank (largest smaller side: {largest}); choose a rank below "
-                             f"{largest} or a fraction such as 0.25")
+            if largest < 2:
+                raise ValueError("nothing to project: every eligible nn.Linear has a side of 1, which no rank can "
+                                 "reduce; use torch.optim.AdamW for this model")
+            given = f"rank={config.rank!r}" + (f" (and layer_rank={dict(config.layer_rank)!r})" if config.layer_rank
+                                                else "")
+            raise ValueError(f"{given} leaves nothing to project: every eligible nn.Linear has its smaller side <= "
+                             f"its rank (largest smaller side: {largest}); choose a rank of at most {largest - 1}, "
+                             "or a fraction such as 0.25" + (", in layer_rank too" if config.layer_rank else ""))
         raise ValueError("nothing to project: no nn.Linear is trainable, unshared and accepted by filter_fn")
     for fqn, shape, r in too_small:
         logger.debug("not projected (smaller side <= rank %d): %s %s", r, fqn, shape)

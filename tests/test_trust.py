@@ -314,3 +314,17 @@ def test_grad_scaler_is_refused_with_a_clear_error_and_nothing_changes():
     with pytest.raises(RuntimeError, match="GradScaler is not supported"):
         scaler.step(opt)
     _assert_same(before, _snapshot(model, opt))
+
+
+def test_the_advice_for_a_rank_too_large_can_be_followed():
+    import re
+
+    model = _mlp()  # smaller sides 16 and 16
+    with pytest.raises(ValueError, match="at most 15") as err:
+        lrc.wrap_model(model, rank=16)
+    advised = int(re.search(r"at most (\d+)", str(err.value)).group(1))
+    assert not lrc.is_wrapped(model)
+    opt = lrc.wrap_model(model, rank=advised)
+    assert len(opt.layers) == 2
+    with pytest.raises(ValueError, match="side of 1"):
+        lrc.wrap_model(nn.Sequential(nn.Linear(1, 8), nn.Linear(8, 1)), rank=1)
