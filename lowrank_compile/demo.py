@@ -17,10 +17,8 @@ Everything here is also a small library for tools/convergence.py: ``llama``, ``t
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import data
+from .measure import peak_rss, reset_peak_rss  # the demo's memory measure; names kept here for tools and docs
 
 __all__ = ["llama", "train", "peak_rss", "reset_peak_rss", "main"]
 
@@ -51,27 +50,6 @@ def llama(hidden: int = 192, layers: int = 3, heads: int = 4, intermediate: int 
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
                          max_position_embeddings=seq, tie_word_embeddings=False)
     return LlamaForCausalLM(config)
-
-
-def peak_rss() -> int:
-    """The process's peak resident memory in bytes: since the last reset_peak_rss() on Linux, else ever."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
-
-
-def reset_peak_rss() -> int:
-    """Lower the peak-RSS mark to the current RSS (Linux: /proc/self/clear_refs) and return it, in bytes."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return peak_rss()
 
 
 def schedule(steps: int, warmup: int):

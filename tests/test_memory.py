@@ -11,72 +11,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import weakref
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import lowrank_compile as lrc
 from lowrank_compile.basis import basis_matrix
-from lowrank_compile.projection import LowRankLinear, table_dtype
+from lowrank_compile.measure import Allocation, AllocationTracker
+from lowrank_compile.projection import LowRankLinear, basis_dtype
 
 # Small shapes: one intra-op thread is faster, and steady on a busy machine (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclasses.dataclass
-class Allocation:
-    op: str
-    shape: tuple[int, ...]
-    numel: int
-    nbytes: int
-    phase: str
-
-
-class AllocationTracker(TorchDispatchMode):
-    """Records every new tensor allocation and keeps live / peak bytes of the storages it saw allocated."""
-
-    def __init__(self):
-        super().__init__()
-        self.allocations: list[Allocation] = []
-        self.phase = "forward"
-        self.live = 0
-        self.peak = 0  # of live bytes, over phases other than "forward"
-        self._alive: dict[int, weakref.ref] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr in inputs or ptr in self._alive:  # a view or an in-place result: nothing new
-                continue
-            nbytes = storage.nbytes()
-            self.allocations.append(Allocation(str(func), tuple(t.shape), t.numel(), nbytes, self.phase))
-            if ptr == 0:  # empty tensor
-                continue
-            self._alive[ptr] = weakref.ref(storage, self._on_free(ptr, nbytes))
-            self.live += nbytes
-            if self.phase != "forward":
-                self.peak = max(self.peak, self.live)
-        return out
-
-    def _on_free(self, ptr: int, nbytes: int):
-        def free(_ref):
-            self.live -= nbytes
-            self._alive.pop(ptr, None)
-        return free
-
-    def enter_phase(self, phase: str) -> None:
-        self.phase = phase
-        self.peak = max(self.peak, self.live)
 
 
 def storage_bytes(tensors) -> int:
@@ -96,7 +42,7 @@ def persistent_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     for m in model.modules():
         if isinstance(m, LowRankLinear) and m.lowrank_spec.basis != "svd":
-            tensors.append(basis_matrix(m.lowrank_spec.basis, m.basis_size, table_dtype(m.weight.dtype),
+            tensors.append(basis_matrix(m.lowrank_spec.basis, m.basis_size, basis_dtype(m.weight.dtype),
                                         m.weight.device))
     return storage_bytes(tensors)
 

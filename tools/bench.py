@@ -42,6 +42,22 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
+try:
+    from lowrank_compile.measure import peak_rss, reset_peak_rss, state_bytes, timed
+except ModuleNotFoundError as e:
+    # gpu_suite.sh runs this file against an older tree too (its "main" side, first on PYTHONPATH); one from
+    # before lowrank_compile/measure.py is measured with this tree's measure.py (torch and the standard library
+    # only), loaded from its file. Remove once no compared tree predates measure.py.
+    if e.name != "lowrank_compile.measure":
+        raise
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("_bench_measure", HERE.parent / "lowrank_compile" / "measure.py")
+    _measure = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_measure)
+    peak_rss, reset_peak_rss, state_bytes, timed = (_measure.peak_rss, _measure.reset_peak_rss,
+                                                    _measure.state_bytes, _measure.timed)
+
 # name: (hidden, intermediate, layers, heads, vocab)
 MODELS = {"tiny": (128, 344, 2, 4, 1000), "ref78m": (1024, 2736, 6, 16, 1000), "60M": (512, 1376, 8, 8, 32000),
           "130M": (768, 2048, 12, 12, 32000), "350M": (1024, 2736, 24, 16, 32000), "1B": (2048, 5461, 24, 32, 32000),
@@ -86,9 +102,6 @@ COMPILED = {k for k, v in CONFIGS.items() if v.get("compiled")}
 
 
 # -- measuring inside one process ------------------------------------------------------------------------------
-from lowrank_compile.demo import peak_rss, reset_peak_rss  # noqa: E402  (the demo's VmHWM / clear_refs pair)
-
-
 def build(spec: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -156,8 +169,6 @@ def preload(kind: str) -> None:
         import torchao.optim  # noqa: F401
     if kind == "galore":
         galore_adamw()
-    sys.path.insert(0, str(HERE))
-    import _measure  # noqa: F401
 
 
 def make_train_step(model, opt, spec: dict, ids):
@@ -179,12 +190,6 @@ def make_train_step(model, opt, spec: dict, ids):
             torch.cuda.synchronize()
 
     return train_step
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def batch_ids(spec: dict) -> torch.Tensor:
@@ -278,7 +283,7 @@ def worker(spec: dict) -> dict:
         result["peak_above_weights_mib"] = peak / 2**20
         if cuda:
             result["peak_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        result["state_mib"] = _state_bytes(opt) / 2**20 if opt is not None else 0.0
+        result["state_mib"] = state_bytes(opt) / 2**20 if hasattr(opt, "state") else 0.0
         if spec.get("profile"):
             result["breakdown_mib"] = profile_breakdown(train_step, spec["device"])
     if spec["mode"] in ("time", "both"):
@@ -295,15 +300,6 @@ def worker(spec: dict) -> dict:
                 refresh.append(timed_step())
         result.update(step_times(ordinary, refresh, gap))
     return result
-
-
-def _state_bytes(opt) -> int:
-    sys.path.insert(0, str(HERE))
-    from _measure import state_bytes
-
-    if not hasattr(opt, "state"):
-        return 0
-    return state_bytes(opt)
 
 
 def profile_breakdown(step, device: str) -> dict[str, float]:

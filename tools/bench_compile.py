@@ -19,10 +19,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import median_time, peak_tensor_bytes, state_bytes  # noqa: E402
-
-import lowrank_compile as lrc  # noqa: E402
+import lowrank_compile as lrc
+from lowrank_compile.measure import median_time, peak_tensor_bytes, state_bytes
 
 
 def build(args):

@@ -11,15 +11,11 @@ chosen from this table, so results are reproducible bit for bit.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import interleaved_medians  # noqa: E402
-
-from lowrank_compile.basis import FFT_MIN_SIZE, SMOOTH_FFT_MIN_SIZE, dct_matrix, dct_rows_fft, use_fft  # noqa: E402
+from lowrank_compile.basis import FFT_MIN_SIZE, SMOOTH_FFT_MIN_SIZE, dct_matrix, dct_rows_fft, use_fft
+from lowrank_compile.measure import interleaved_medians
 
 
 def main(argv=None) -> None:

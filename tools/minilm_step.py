@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import interleaved_medians, state_bytes  # noqa: E402
-from convergence import minilm_path  # noqa: E402
+import lowrank_compile as lrc
+from lowrank_compile.measure import interleaved_medians, state_bytes
 
-import lowrank_compile as lrc  # noqa: E402
+if __package__:  # python -m tools.minilm_step
+    from .convergence import minilm_path
+else:  # python tools/minilm_step.py: Python puts the script's folder, tools/, first on sys.path
+    from convergence import minilm_path
 
 
 def configurations(rank: int) -> dict:

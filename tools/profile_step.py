@@ -9,14 +9,14 @@ then profiles one ordinary step and prints the operators by self device time (CP
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+if __package__:  # python -m tools.profile_step
+    from . import bench
+else:  # python tools/profile_step.py: Python puts the script's folder, tools/, first on sys.path
+    import bench
 
 
 def main(argv=None) -> None:

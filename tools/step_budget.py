@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+from lowrank_compile.basis import basis_matrix, gather_columns
+from lowrank_compile.measure import timed
+from lowrank_compile.projection import rank_r_grad
+from lowrank_compile.update import lowrank_adamw_
 
-from lowrank_compile.basis import basis_matrix, gather_columns  # noqa: E402
-from lowrank_compile.projection import rank_r_grad  # noqa: E402
-from lowrank_compile.update import lowrank_adamw_  # noqa: E402
+if __package__:  # python -m tools.step_budget
+    from . import bench
+else:  # python tools/step_budget.py: Python puts the script's folder, tools/, first on sys.path
+    import bench
 
 
 def block_shapes(hidden: int, inter: int) -> list[tuple[int, int]]:
@@ -98,9 +99,9 @@ def main(argv=None) -> None:
         fn()
     times = {"floor": [], "adamw": [], "lowrank": []}
     for _ in range(args.rounds):
-        times["floor"].append(bench.timed(floor_step))
-        times["adamw"].append(bench.timed(side.adamw_side) * n_layers)
-        times["lowrank"].append(bench.timed(side.lowrank_side) * n_layers)
+        times["floor"].append(timed(floor_step))
+        times["adamw"].append(timed(side.adamw_side) * n_layers)
+        times["lowrank"].append(timed(side.lowrank_side) * n_layers)
     floor, adamw, low = (statistics.median(times[k]) for k in ("floor", "adamw", "lowrank"))
     print(f"LLaMA {args.model} ({n_layers} blocks), batch {args.batch[0]} x {args.batch[1]} (T = {tokens}), rank "
           f"{args.rank}, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of "
