@@ -54,14 +54,14 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     vf = quant.dequantize(v, cdt)
     if match is not None:
         mf, vf = matched(mf, *match), matched(vf, *match)
-    if ok is None:
-        mf.mul_(beta1).add_(g, alpha=1 - beta1)
-        vf.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    else:  # the same operations out of place, then keep the old moments where the gradient was not finite
+    if ok is not None:  # not finite: decay factors 1 and a zero gradient keep m and v as they are
         g = torch.where(ok, g, 0.0)
-        mf = torch.where(ok, mf.mul(beta1).add_(g, alpha=1 - beta1), mf)
-        vf = torch.where(ok, vf.mul(beta2).addcmul_(g, g, value=1 - beta2), vf)
-    if mf is not m:  # low-precision, quantised or guarded: write back
+        beta1_, beta2_ = (torch.where(ok, torch.full((), b, dtype=cdt, device=g.device), 1.0) for b in (beta1, beta2))
+    else:
+        beta1_, beta2_ = beta1, beta2
+    mf.mul_(beta1_).add_(g, alpha=1 - beta1)
+    vf.mul_(beta2_).addcmul_(g, g, value=1 - beta2)
+    if mf is not m:  # low-precision or quantised storage: write back
         m.copy_(mf)
         v.copy_(vf)
     step = step.to(cdt)
@@ -76,7 +76,7 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
         bound = adam_ratio_bound(step, beta1, beta2) * 1.05  # slack for the fp32 rounding of the bound itself
         u.clamp_(-bound, bound)
     if ok is not None:
-        u = torch.where(ok, u, 0.0)
+        u.mul_(ok)  # 0 where skipped (u is finite there: it comes from the kept moments)
     return u
 
 
