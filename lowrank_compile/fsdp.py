@@ -13,7 +13,7 @@ import dataclasses
 import weakref
 from typing import Callable
 
-from torch import Tensor, nn
+from torch import nn
 
 from .projection import CARRIER, LowRankLinear
 from .refresh_sync import join_group

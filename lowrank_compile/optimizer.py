@@ -15,10 +15,7 @@ AdamW with the same hyper-parameters. The class gathers; the functions below com
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import logging
-import math
 import types
 from typing import Callable, Iterable, Mapping
 
@@ -28,13 +25,12 @@ from torch import Tensor
 from . import quant
 from .config import LowRankConfig
 from .projection import LowRankLinear, RefreshControl
+from .state_check import check_state_dict
 from .compile import compiled
-from .update import (adamw_, adamw_chunked_, clip_tensor_norm_, lowrank_adamw_, match_slots, moments_direction,
-                     remap_states)
+from .update import (SkipCounter, adamw_, adamw_chunked_, clip_tensor_norm_, lowrank_adamw_, match_slots,
+                     moments_direction, remap_states)
 
 __all__ = ["LowRankAdamW"]
-
-logger = logging.getLogger(__name__)
 
 
 class LowRankAdamW(torch.optim.Optimizer):
@@ -72,9 +68,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults)
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._group_of: dict[Tensor, dict] = {}
-        self._counter_bases: dict[tuple[int, int], Tensor] = {}  # (seed, param index) -> quant.counter_base
-        self._skips: dict[torch.device, Tensor] = {}  # device -> count of updates skipped for non-finite gradients
-        self._skips_reported = 0
+        self._skips = SkipCounter()  # updates skipped for non-finite gradients
         self._index_groups()
         # graphs a compiled update may need: one per shape, times refresh / ordinary variants and row chunks
         shapes = {(tuple(p.shape), p.dtype) for g in self.param_groups for p in g["params"]}
@@ -140,21 +134,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         Adam states and selection for that step (its step count still advances); the check runs on the device,
         so it never synchronises. Reading the value is a natural synchronisation; a warning is logged then (and
         by state_dict) when the count has grown."""
-        total = sum((t.to("cpu") for t in self._skips.values()), torch.zeros((), dtype=torch.int64))
-        self._report_skips(int(total))
-        return total
-
-    def _report_skips(self, total: int) -> None:
-        if total > self._skips_reported:
-            logger.warning("lowrank_compile: %d parameter update(s) skipped for a non-finite gradient (%d in all); "
-                           "their weights and states were kept", total - self._skips_reported, total)
-            self._skips_reported = total
+        return self._skips.total()
 
     def _skips_on(self, device: torch.device) -> Tensor:
-        counter = self._skips.get(device)
-        if counter is None:
-            counter = self._skips[device] = torch.zeros((), dtype=torch.int64, device=device)
-        return counter
+        return self._skips.on(device)
 
     @torch.no_grad()
     def update_now(self, params: Iterable[Tensor]) -> None:
@@ -438,26 +421,15 @@ class LowRankAdamW(torch.optim.Optimizer):
         return fn
 
     def _rounding(self, p: Tensor, group: dict, state: dict, compiled_update: bool):
-        """How bf16 weight p is rounded at its coming update, or None (fp32 weights; round to nearest).
-
-        Keyed by (group["seed"], p's position among the optimizer's params, its step after this update), so the
-        bits are the same on every rank and after a resume (see quant.py). Eager: a torch.Generator (the host
-        reads the CPU step counter); compiled: the counter base, from which the graph derives the key itself.
-        """
+        """How bf16 weight p is rounded at its coming update (quant.write_back_rounding), or None."""
         if p.dtype != torch.bfloat16 or not group.get("stochastic_round", True):
             return None
-        seed = int(group.get("seed", 0))
-        if compiled_update:
-            base = self._counter_bases.get((seed, self._index[p]))
-            if base is None:
-                base = self._counter_bases[(seed, self._index[p])] = quant.counter_base(seed, self._index[p])
-            return base
-        key = quant.rounding_key(seed, self._index[p], int(state["step"].item()) + 1)
-        return quant.rounding_generator(key, p.device)
+        return quant.write_back_rounding(int(group.get("seed", 0)), self._index[p], state["step"], p.device,
+                                         compiled_update)
 
     # -- state_dict --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        self._report_skips(int(sum(t.sum().item() for t in self._skips.values())))  # a save synchronises anyway
+        self._skips.total()  # logs a warning if the count grew (a save synchronises anyway)
         sd = super().state_dict()
         sd["global_step"] = self._control.step
         return sd
@@ -470,7 +442,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         if self._micro_steps:
             raise RuntimeError("load_state_dict was called between the micro-batches of an accumulated step; load "
                                "before the first micro-batch or after the step() that applies the update")
-        self._check_state_dict(state_dict)
+        check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
         global_step = state_dict.pop("global_step")
         super().load_state_dict(state_dict)
@@ -486,65 +458,3 @@ class LowRankAdamW(torch.optim.Optimizer):
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
         self.restore_after_load(int(global_step))
-
-    def _check_state_dict(self, sd) -> None:
-        """Raise ValueError naming the first way `sd` does not fit this optimizer (see load_state_dict)."""
-        if not isinstance(sd, dict) or not {"state", "param_groups"} <= set(sd):
-            raise ValueError(f"expected a dict from LowRankAdamW.state_dict() with 'state' and 'param_groups', got "
-                             f"{type(sd).__name__}")
-        step = sd.get("global_step")
-        if step is None:
-            raise ValueError("this state_dict has no 'global_step': it was not saved from a LowRankAdamW")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"global_step must be an int >= 0, got {step!r}")
-        groups = sd["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"the state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
-        states = sd["state"]
-        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            if len(saved.get("params", ())) != len(group["params"]):
-                raise ValueError(f"param group {gi}: the state_dict has {len(saved.get('params', ()))} parameters, "
-                                 f"this optimizer {len(group['params'])}")
-            for key in ("lowrank", "state_dtype", "state_policy"):
-                if saved.get(key) != group.get(key):
-                    raise ValueError(f"param group {gi}: {key} is {saved.get(key)!r} in the state_dict, "
-                                     f"{group.get(key)!r} here")
-            try:
-                dataclasses.replace(self._config, lr=saved.get("lr"), betas=tuple(saved.get("betas", ())),
-                                    eps=saved.get("eps"), weight_decay=saved.get("weight_decay"),
-                                    scale=saved.get("scale", 1.0), seed=saved.get("seed", 0),
-                                    stochastic_round=saved.get("stochastic_round", True))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"param group {gi}: {exc}") from None
-            for i, p in zip(saved["params"], group["params"]):
-                if i in states:
-                    self._check_param_state(states[i], p, group, f"param group {gi}, parameter {i}")
-
-    def _check_param_state(self, state: dict, p: Tensor, group: dict, where: str) -> None:
-        layer = self._layers.get(p) if group["lowrank"] else None
-        shape = tuple(layer.lowrank_grad.shape) if layer is not None else tuple(p.shape)
-        kind = "fp64" if group["state_dtype"] == "fp32" and p.dtype == torch.float64 else \
-            quant.storage_kind(shape, group["state_dtype"])
-        step = state.get("step")
-        if not isinstance(step, Tensor) or step.numel() != 1 or not (
-                math.isfinite(step.item()) and step.item() >= 0 and float(step.item()).is_integer()):
-            raise ValueError(f"{where}: step must be a whole count >= 0, got {step!r}")
-        for key in ("exp_avg", "exp_avg_sq"):
-            s = state.get(key)
-            if not isinstance(s, Tensor) or tuple(s.shape) != shape or quant.kind_of(s) != kind:
-                got = "missing" if not isinstance(s, Tensor) else f"{tuple(s.shape)} {quant.kind_of(s)}"
-                raise ValueError(f"{where}: {key} must be a {shape} {kind} state, got {got}")
-            values = quant.dequantize(s)
-            if not torch.isfinite(values).all() or (key == "exp_avg_sq" and (values < 0).any()):
-                raise ValueError(f"{where}: {key} holds non-finite{' or negative' if key == 'exp_avg_sq' else ''} values")
-        if layer is not None:
-            key = self._selection_key(layer)
-            sel = state.get(key)
-            n, r = layer.basis_size, layer.lowrank_spec.rank
-            if key == "indices":
-                ok = isinstance(sel, Tensor) and tuple(sel.shape) == (r,) and not sel.is_floating_point() and (
-                    r == 0 or (int(sel.min()) >= 0 and int(sel.max()) < n and sel.unique().numel() == r))
-                if not ok:
-                    raise ValueError(f"{where}: indices must be {r} distinct integers in [0, {n}), got {sel!r}")
-            elif not (isinstance(sel, Tensor) and tuple(sel.shape) == (n, r) and torch.isfinite(sel).all()):
-                raise ValueError(f"{where}: basis must be a finite ({n}, {r}) tensor")

@@ -25,6 +25,7 @@ write-back). The two give different bits of the same distribution.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -36,7 +37,7 @@ from . import _torchao
 __all__ = ["STATE_KINDS", "BLOCK_SIZE", "MIN_QUANT_NUMEL", "storage_kind", "fallback_reason", "check_available",
            "new_state", "kind_of", "is_quantized", "dequantize", "zero_", "state_parts", "part_specs",
            "state_from_parts", "state_nbytes", "rounding_key", "rounding_generator", "counter_base",
-           "counter_key", "round_to_bf16"]
+           "counter_key", "write_back_rounding", "round_to_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,23 @@ def _hash32(x: Tensor) -> Tensor:
 def counter_base(seed: int, index: int) -> Tensor:
     """The per-parameter part of a counter-based rounding key: a 0-d int64 CPU tensor from (seed, index)."""
     return torch.tensor(rounding_key(seed, index, 0) & _M32, dtype=torch.int64)
+
+
+def write_back_rounding(seed: int, index: int, step: Tensor, device, compiled_update: bool):
+    """The rounding of parameter number `index`'s coming bf16 write-back, its step counter advanced by one.
+
+    Keyed by (seed, index, step), so the bits are the same on every rank and after a resume. Eager: a
+    torch.Generator (the host reads the CPU step counter); compiled: the counter base (cached), from which the
+    graph derives the key itself (counter_key), with no host read.
+    """
+    if compiled_update:
+        return _counter_base_cached(seed, index)
+    return rounding_generator(rounding_key(seed, index, int(step.item()) + 1), device)
+
+
+@functools.lru_cache(maxsize=None)
+def _counter_base_cached(seed: int, index: int) -> Tensor:
+    return counter_base(seed, index)
 
 
 def counter_key(base: Tensor, step: Tensor) -> Tensor:

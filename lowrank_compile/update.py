@@ -7,6 +7,7 @@ are tensors, so schedules and the passing of steps never recompile.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -15,9 +16,11 @@ from torch import Tensor
 
 from . import quant
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["match_slots", "matched", "moments_direction", "adam_ratio_bound", "row_chunks", "write_back_",
            "back_project_", "lowrank_adamw_", "adamw_", "adamw_chunked_", "remap_states", "clip_tensor_norm_",
-           "UPDATE_CHUNK_ELEMS"]
+           "UPDATE_CHUNK_ELEMS", "SkipCounter", "finite_guard"]
 
 
 def match_slots(old_idx: Tensor, new_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,6 +91,29 @@ def finite_guard(g: Tensor, skips: Tensor | None) -> Tensor | None:
     ok = torch.isfinite(g).all()
     skips.add_((~ok).to(skips.device))
     return ok
+
+
+class SkipCounter:
+    """Counts the parameter updates skipped for a non-finite gradient: one 0-d int64 tensor per device, added to
+    on the device (finite_guard), read on the host only when asked (total), with a warning when it has grown."""
+
+    def __init__(self):
+        self._counts: dict[torch.device, Tensor] = {}
+        self._reported = 0
+
+    def on(self, device: torch.device) -> Tensor:
+        counter = self._counts.get(device)
+        if counter is None:
+            counter = self._counts[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return counter
+
+    def total(self) -> Tensor:
+        total = sum((t.to("cpu") for t in self._counts.values()), torch.zeros((), dtype=torch.int64))
+        if int(total) > self._reported:
+            logger.warning("lowrank_compile: %d parameter update(s) skipped for a non-finite gradient (%d in all); "
+                           "their weights and states were kept", int(total) - self._reported, int(total))
+            self._reported = int(total)
+        return total
 
 
 def guarded_decay(decay, ok: Tensor | None, dtype: torch.dtype, device):
