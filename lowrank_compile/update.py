@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["match_slots", "matched", "moments_direction", "adam_ratio_bound", "row_chunks", "write_back_",
            "back_project_", "lowrank_adamw_", "adamw_", "adamw_chunked_", "remap_states", "clip_tensor_norm_",
-           "UPDATE_CHUNK_ELEMS", "SkipCounter", "finite_guard"]
+           "UPDATE_CHUNK_ELEMS", "SkipCounter", "finite_guard", "guard_list"]
 
 
 def match_slots(old_idx: Tensor, new_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,7 +40,8 @@ def matched(s: Tensor, src: Tensor, kept: Tensor, dim: int) -> Tensor:
 
 
 def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float,
-                      match: tuple[Tensor, Tensor, int] | None = None, ok: Tensor | None = None) -> Tensor:
+                      match: tuple[Tensor, Tensor, int] | None = None, ok: Tensor | None = None,
+                      kept_betas: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Update the moments m, v in place (after step has been advanced); return Adam's bias-corrected direction.
 
     Computed in fp32 (fp64 for fp64 states) whatever the states' storage: bf16 and torchao-quantised states are
@@ -50,6 +51,8 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     pass: quantised states are then decoded and encoded once per step, not twice.
     ok: None, or a 0-d bool tensor (see finite_guard): where False, m and v keep their values and the direction is
     0, decided on the device without a host synchronisation; where True, the result is bit for bit the unguarded one.
+    kept_betas: with ok, the 0-d factors (beta1 where ok else 1, beta2 where ok else 1) in the compute dtype, when
+    the caller made them for a whole list at once (guard_list).
     """
     cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
     g = g.to(cdt)
@@ -59,7 +62,8 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
         mf, vf = matched(mf, *match), matched(vf, *match)
     if ok is not None:  # not finite: decay factors 1 and a zero gradient keep m and v as they are
         g = torch.where(ok, g, 0.0)
-        beta1_, beta2_ = (torch.where(ok, torch.full((), b, dtype=cdt, device=g.device), 1.0) for b in (beta1, beta2))
+        beta1_, beta2_ = kept_betas or [torch.where(ok, torch.full((), b, dtype=cdt, device=g.device), 1.0)
+                                        for b in (beta1, beta2)]
     else:
         beta1_, beta2_ = beta1, beta2
     mf.mul_(beta1_).add_(g, alpha=1 - beta1)
@@ -91,6 +95,17 @@ def finite_guard(g: Tensor, skips: Tensor | None) -> Tensor | None:
     ok = torch.isfinite(g).all()
     skips.add_((~ok).to(skips.device))
     return ok
+
+
+def guard_list(grads: list[Tensor], skips: Tensor | None, beta1: float, beta2: float, dtype: torch.dtype):
+    """finite_guard for a list of gradients in a few batched ops: per gradient (ok, (beta1 or 1, beta2 or 1)), or
+    Nones when skips is None. Non-finite is judged by the max-norm (inf or NaN exactly when an element is)."""
+    if skips is None:
+        return [None] * len(grads), [None] * len(grads)
+    oks = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+    skips.add_((~oks).sum().to(skips.device))
+    betas = [torch.where(oks, torch.full((), b, dtype=dtype, device=oks.device), 1.0) for b in (beta1, beta2)]
+    return list(oks.unbind()), list(zip(betas[0].unbind(), betas[1].unbind()))
 
 
 class SkipCounter:
@@ -214,10 +229,12 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     is counted there.
     """
     direction = direction or moments_direction
+    oks, kept = guard_list(grads, skips, beta1, beta2, torch.float64 if exp_avgs[0].dtype == torch.float64 else
+                           torch.float32)
     for i, (w, g, m, v, D_r, step) in enumerate(zip(weights, grads, exp_avgs, exp_avg_sqs, D_rs, steps)):
         step.add_(1)
-        ok = finite_guard(g, skips)
-        u = direction(g, m, v, step, beta1, beta2, eps, None if match is None else match[i], ok)
+        ok = oks[i]
+        u = direction(g, m, v, step, beta1, beta2, eps, None if match is None else match[i], ok, kept[i])
         decay = None if weight_decay == 0 else 1 - lr * weight_decay
         decay = guarded_decay(decay, ok, w.dtype if w.dtype == torch.float64 else torch.float32, w.device)
         back_project_(w, u.mul_(-lr * scale), D_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
@@ -229,10 +246,12 @@ def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
            rounding: list | None = None, skips: Tensor | None = None) -> None:
     """Plain AdamW, in place. fp32/fp64 parameters directly; low-precision ones in fp32, rounded once (rounding,
     skips: as in lowrank_adamw_)."""
+    oks, kept = guard_list(grads, skips, beta1, beta2, torch.float64 if exp_avgs[0].dtype == torch.float64 else
+                           torch.float32)
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         step.add_(1)
-        ok = finite_guard(g, skips)
-        u = moments_direction(g, m, v, step, beta1, beta2, eps, None, ok)
+        ok = oks[i]
+        u = moments_direction(g, m, v, step, beta1, beta2, eps, None, ok, kept[i])
         wide = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
         if p.dtype in (torch.float32, torch.float64):
             if weight_decay != 0:
