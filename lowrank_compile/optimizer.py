@@ -73,7 +73,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         # graphs a compiled update may need: one per shape, times refresh / ordinary variants and row chunks
         shapes = {(tuple(p.shape), p.dtype) for g in self.param_groups for p in g["params"]}
         if self._compile_step:
-            for fn in (lowrank_adamw_, adamw_):
+            for fn in (lowrank_adamw_, adamw_, adamw_chunked_):
                 compiled(fn).allow(3 * len(shapes) + 8)
         if self._compile_quantized and any(g["state_dtype"] in quant.QUANTIZED for g in self.param_groups):
             compiled(moments_direction).allow(3 * len(shapes) + 8)
@@ -407,12 +407,14 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     def _step_plain(self, p: Tensor, group: dict) -> None:
         """One plain parameter whose states are ready (low-precision weights or quantised states), in row
-        chunks (update.adamw_chunked_)."""
+        chunks (update.adamw_chunked_): one compiled graph per shape with compile_step=True."""
         state = self.state[p]
-        h = self._hyper(group, False)
-        adamw_chunked_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                       h["weight_decay"], h["beta1"], h["beta2"], h["eps"], self._rounding(p, group, state, False),
-                       fn=self._state_fn(moments_direction, state["exp_avg"]), skips=self._skips_on(p.device))
+        whole = self._compile_step
+        h = self._hyper(group, whole)
+        fn = compiled(adamw_chunked_) if whole else adamw_chunked_
+        fn(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], h["lr"], h["weight_decay"], h["beta1"],
+           h["beta2"], h["eps"], self._rounding(p, group, state, whole),
+           fn=None if whole else self._state_fn(moments_direction, state["exp_avg"]), skips=self._skips_on(p.device))
 
     def _state_fn(self, fn: Callable, state: Tensor) -> Callable:
         """fn, compiled when it works on torchao-quantised states (unless compile_step=False)."""

@@ -135,6 +135,8 @@ def guarded_decay(decay, ok: Tensor | None, dtype: torch.dtype, device):
     """The weight-decay factor, 1 where the update is skipped (ok False); a 0-d tensor then, else as given."""
     if ok is None or decay is None:
         return decay
+    if isinstance(decay, Tensor):  # lr as a tensor (compiled updates): never read its value on the host
+        return torch.where(ok, decay.to(device=device, dtype=dtype), 1.0)
     return torch.where(ok, torch.full((), decay, dtype=dtype, device=device), 1.0)
 
 
