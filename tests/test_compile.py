@@ -266,3 +266,34 @@ def test_compiled_updates_raise_the_recompile_limit_only_during_their_calls():
         compiled(lowrank_adamw_)._compiled = real
     assert seen and all(limit == compiled(lowrank_adamw_).graphs for limit in seen)
     assert torch._dynamo.config.recompile_limit == before
+
+
+@pytest.mark.parametrize("options", [{}, dict(fused=True), dict(state_dtype="int8", fused=True, update_gap=2),
+                                     dict(sketch_rows=8), dict(state_dtype="int8", update_gap=2)],
+                         ids=["defaults", "fused", "int8 fused gap 2", "sketch", "int8 gap 2"])
+def test_a_training_step_never_reads_a_tensor_value_on_the_host(options):
+    """Forward, backward (fused updates included), refresh and opt.step() of an fp32 model: no .item(), no
+    bool() of a tensor, nothing that would synchronise a GPU (the non-finite guard and the selection checks are
+    decided on the device). bf16 weights under eager updates are the exception: their stochastic rounding seeds a
+    torch.Generator from the step counter (compile_step=True derives its bits in the graph instead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 1024), nn.GELU(), nn.Linear(1024, 64))  # (1024, 8) states: int8 for real
+    opt = lrc.wrap_model(model, rank=8, **options)
+    x = torch.randn(32, 64)
+
+    def step():
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(3):
+        step()
+    if options.get("state_dtype") == "int8":
+        assert lrc.quant.is_quantized(opt.state[model[0].weight]["exp_avg"])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()  # an ordinary step where update_gap > 1
+        step()  # and a refresh
+    reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")]
+    assert reads == []
