@@ -54,6 +54,7 @@ class LowRankConfig:
     clip_per_tensor: float | None = None
     stochastic_round: bool = True
     refresh_sync: str = "auto"
+    stagger: bool = False
 
     def __post_init__(self):
         # normalise the forms wrap_model accepts: a betas list, a layer_rank mapping
@@ -91,7 +92,7 @@ class LowRankConfig:
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2
                 and all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name in ("stochastic_round", "fused", "decay_all"):
+        for name in ("stochastic_round", "fused", "decay_all", "stagger"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile_step not in (None, True, False):

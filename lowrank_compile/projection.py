@@ -70,10 +70,11 @@ class RefreshControl:
     checkpointing runs before its layer's backward and so makes the same decision as the original one.
     """
 
-    def __init__(self, update_gap: int, sketch_rows: int = 0, seed: int = 0):
+    def __init__(self, update_gap: int, sketch_rows: int = 0, seed: int = 0, stagger: bool = False):
         self.update_gap = update_gap
         self.sketch_rows = sketch_rows  # 0: exact scores; k > 0: scores from a k-row random sketch
         self.seed = seed
+        self.stagger = stagger  # True: layer i refreshes when (t + i) % update_gap == 0 (and at t == 1)
         self.step = 0  # completed optimizer steps
         self.layers: list["LowRankLinear"] = []
         self.hooks: list = []  # removable handles of the optimizer's in-backward updates (fused=True)
@@ -82,23 +83,26 @@ class RefreshControl:
         # refresh across processes (lowrank_compile.distributed.RefreshReducer). None: this process's own.
         self.score_reducer = None
 
-    def is_refresh_step(self, t: int) -> bool:
-        """Step t (counting from 1) refreshes when t == 1 or t % update_gap == 0, as the reference does."""
-        return t == 1 or t % self.update_gap == 0
+    def is_refresh_step(self, t: int, layer_index: int = 0) -> bool:
+        """Whether step t (counting from 1) refreshes layer number layer_index (in wrap order): at t == 1, then
+        when t % update_gap == 0 as the reference does, or with stagger when (t + layer_index) % update_gap == 0,
+        so that the layers' refreshes spread over the steps instead of all landing on one."""
+        offset = layer_index if self.stagger else 0
+        return t == 1 or (t + offset) % self.update_gap == 0
 
     @property
     def refresh(self) -> bool:
-        """Whether the coming step (global_step + 1) is a refresh step."""
-        return self.is_refresh_step(self.step + 1)
+        """Whether the coming step (global_step + 1) refreshes any layer."""
+        t = self.step + 1
+        return any(self.is_refresh_step(t, i) for i in range(len(self.layers) if self.stagger else 1))
 
     def set_step(self, step: int) -> None:
         self.step = step
-        refresh = self.refresh
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             # a layer whose first gradient comes on an ordinary step selects its basis then, not at the next refresh
-            layer._lowrank_refresh = refresh or not layer._lowrank_selected
+            layer._lowrank_refresh = self.is_refresh_step(step + 1, i) or not layer._lowrank_selected
             layer._lowrank_refreshed = False
-        if refresh:
+        if self.refresh:
             for key, omega in self.sketches.items():
                 omega.copy_(self._draw_sketch(*key))
 

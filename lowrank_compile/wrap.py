@@ -50,6 +50,7 @@ def wrap_model(
     clip_per_tensor: float | None = _D.clip_per_tensor,
     stochastic_round: bool = _D.stochastic_round,
     refresh_sync: str = _D.refresh_sync,
+    stagger: bool = _D.stagger,
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
 
@@ -111,6 +112,9 @@ def wrap_model(
             processes (blockwise all-reduce), "cheap" from the sum of each process's column scores, "local"
             lets each process select from its own gradient (separate models only). With DDP use
             ``lowrank_compile.distributed.prepare_ddp(model, opt)`` (required for fused=True).
+        stagger: False (default): every layer refreshes on the same steps. True: layer i (in wrap order)
+            refreshes when (t + i) % update_gap == 0, and every layer at t == 1, so each step pays for about
+            1/update_gap of the layers' refreshes instead of all of them every update_gap-th step.
 
     Returns:
         a :class:`LowRankAdamW` that owns every trainable parameter of the model.
@@ -136,7 +140,8 @@ def wrap_model(
 
     plan = _plan(model, config)
     quant.check_available(config.state_dtype, plan[0][1].weight.device)
-    control = RefreshControl(config.update_gap, sketch_rows=config.sketch_rows, seed=config.seed)
+    control = RefreshControl(config.update_gap, sketch_rows=config.sketch_rows, seed=config.seed,
+                             stagger=config.stagger)
     layers: dict[torch.Tensor, LowRankLinear] = {}
     try:  # all or nothing: an error anywhere below leaves the model as it was
         opt = _build(model, config, plan, control, layers)

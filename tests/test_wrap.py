@@ -572,3 +572,21 @@ def test_readme_options_table_matches_the_config_dataclass():
     for name, default in fields.items():
         assert documented[name] == default, name
         assert params[name].default == default, name
+
+
+def test_stagger_spreads_the_layers_refreshes_over_the_steps():
+    """stagger=True: layer i refreshes at t == 1 and when (t + i) % update_gap == 0; stagger=False (default): all
+    layers on the same steps. Observed through each layer's `refreshed` flag after backward."""
+    torch.manual_seed(0)
+    for stagger in (True, False):
+        model = nn.Sequential(*[nn.Linear(24, 24) for _ in range(4)])
+        opt = lrc.wrap_model(model, rank=4, update_gap=3, stagger=stagger)
+        layers = list(opt.layers.values())
+        for t in range(1, 10):
+            model(torch.randn(8, 24)).square().mean().backward()
+            seen = [layer.refreshed for layer in layers]
+            want = [t == 1 or (t + (i if stagger else 0)) % 3 == 0 for i in range(4)]
+            assert seen == want, (stagger, t, seen)
+            assert opt.refresh_control.refresh == any(want)  # the step being taken
+            opt.step()
+            opt.zero_grad()
