@@ -165,7 +165,8 @@ def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, rig
             new_idx, g_low = _refresh(x2, g2, idx.shape[0], D, right, kind, norm_p, omega, reducer)
             # A gradient that is not finite, or all zero, ranks nothing: keep the previous selection (decided
             # on the device; the optimizer then skips a non-finite update, and a zero one is zero in any basis).
-            keep = ~torch.isfinite(g_low).all() | (g_low == 0).all()
+            size = torch.linalg.vector_norm(g_low, float("inf"))  # one pass: inf/NaN if any is, 0 iff all are
+            keep = ~torch.isfinite(size) | (size == 0)
             idx.copy_(torch.where(keep, idx, new_idx))
             return g_low
         D_r = gather_columns(D, idx).to(cdt)  # (n, r)
