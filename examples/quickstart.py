@@ -17,18 +17,14 @@ import copy
 import math
 import statistics
 import time
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import lowrank_compile as lrc
-from lowrank_compile.basis import basis_matrix
-from lowrank_compile.projection import LowRankLinear, basis_dtype
+from lowrank_compile.measure import AllocationTracker, persistent_bytes, state_bytes
 
 VOCAB = 256  # bytes
 
@@ -127,72 +123,7 @@ def batches(steps: int, batch: int, seq: int, seed: int = 0):
     return out
 
 
-# -- memory: every live tensor, op by op -------------------------------------------------------------------------
-
-class PeakTensorBytes(TorchDispatchMode):
-    """Live bytes of the tensors allocated while active (views and in-place results are not allocations).
-
-    Starts from `base_bytes` (what already lives); the peak counts from the first call of measure() on, so
-    activations that forward saved for backward are live in it, but forward's own transients are not.
-    """
-
-    def __init__(self, base_bytes: int):
-        super().__init__()
-        self.live = base_bytes
-        self.peak = 0
-        self.measuring = False
-        self._alive: dict[int, weakref.ref] = {}
-
-    def measure(self) -> None:
-        self.measuring = True
-        self.peak = max(self.peak, self.live)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr == 0 or ptr in inputs or ptr in self._alive:
-                continue
-            nbytes = storage.nbytes()
-            self._alive[ptr] = weakref.ref(storage, self._free(ptr, nbytes))
-            self.live += nbytes
-            if self.measuring:
-                self.peak = max(self.peak, self.live)
-        return out
-
-    def _free(self, ptr, nbytes):
-        def free(_):
-            self.live -= nbytes
-            self._alive.pop(ptr, None)
-        return free
-
-
-def persistent_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Weights, buffers, gradients, optimizer states and lowrank_compile's shared basis tables."""
-    tensors = list(model.parameters()) + list(model.buffers()) + [p.grad for p in model.parameters()]
-    for state in opt.state.values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    for m in model.modules():
-        if isinstance(m, LowRankLinear) and m.lowrank_spec.basis != "svd":
-            tensors.append(basis_matrix(m.lowrank_spec.basis, m.basis_size, basis_dtype(m.weight.dtype),
-                                        m.weight.device))
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in tensors if isinstance(t, torch.Tensor)}
-    return sum(storages.values())
-
-
 # -- training ----------------------------------------------------------------------------------------------------
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's states (moments, indices, step counts)."""
-    return sum(v.untyped_storage().nbytes() for state in opt.state.values() for v in state.values()
-               if isinstance(v, torch.Tensor))
-
 
 def train(name: str, model: nn.Module, opt: torch.optim.Optimizer, data, log_every: int, tracked: int = 2) -> dict:
     """Train on `data`. The first `tracked` steps measure the peak tensor bytes of backward + step (slowly,
@@ -200,12 +131,13 @@ def train(name: str, model: nn.Module, opt: torch.optim.Optimizer, data, log_eve
     losses, times, peak = [], [], 0
     for step, (ids, targets) in enumerate(data, start=1):
         if step <= tracked:
-            with PeakTensorBytes(persistent_bytes(model, opt)) as tracker:
+            base = persistent_bytes(model, opt)
+            with AllocationTracker() as tracker:
                 loss = model(ids, targets)
-                tracker.measure()  # activations saved by forward are live from here on
+                tracker.enter_phase("backward")  # activations saved by forward are live from here on
                 loss.backward()
                 opt.step()
-            peak = max(peak, tracker.peak)
+            peak = max(peak, base + tracker.peak)
             opt.zero_grad(set_to_none=True)
         else:
             t0 = time.perf_counter()
@@ -241,7 +173,7 @@ def main() -> None:
     model = copy.deepcopy(base)
     opt = lrc.wrap_model(model, rank=args.rank, lr=args.lr)  # rewrites the nn.Linear layers in place
     print(f"lowrank_compile.wrap_model(rank={args.rank}): "
-          f"{sum(isinstance(m, LowRankLinear) for m in model.modules())} Linear layers project their gradients")
+          f"{sum(isinstance(m, lrc.LowRankLinear) for m in model.modules())} Linear layers project their gradients")
     ours = train("lowrank_compile", model, opt, data, log_every)
 
     model = copy.deepcopy(base)

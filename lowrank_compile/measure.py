@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["peak_rss", "reset_peak_rss", "peak_tensor_bytes", "Allocation", "AllocationTracker", "state_bytes",
+           "storage_bytes", "persistent_bytes",
            "timed", "median_time", "interleaved_medians"]
 
 
@@ -134,6 +135,32 @@ class AllocationTracker(TorchDispatchMode):
     def enter_phase(self, phase: str) -> None:
         self.phase = phase
         self.peak = max(self.peak, self.live)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (non-tensors, such as None gradients, skipped)."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def persistent_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """What lives across steps: parameters, buffers, gradients, optimizer states and lowrank_compile's shared basis
+    tables (the starting point an AllocationTracker's peak adds to)."""
+    from .basis import basis_matrix
+    from .projection import LowRankLinear, basis_dtype
+
+    tensors = list(model.parameters()) + list(model.buffers()) + [p.grad for p in model.parameters()]
+    for state in opt.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for m in model.modules():
+        if isinstance(m, LowRankLinear) and m.lowrank_spec.basis != "svd":
+            tensors.append(basis_matrix(m.lowrank_spec.basis, m.basis_size, basis_dtype(m.weight.dtype),
+                                        m.weight.device))
+    return storage_bytes(tensors)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

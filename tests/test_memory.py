@@ -17,34 +17,11 @@ import torch
 from torch import nn
 
 import lowrank_compile as lrc
-from lowrank_compile.basis import basis_matrix
-from lowrank_compile.measure import Allocation, AllocationTracker
-from lowrank_compile.projection import LowRankLinear, basis_dtype
+from lowrank_compile.measure import Allocation, AllocationTracker, persistent_bytes
+from lowrank_compile.projection import LowRankLinear
 
 # Small shapes: one intra-op thread is faster, and steady on a busy machine (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (None entries skipped)."""
-    seen = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-def persistent_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """What lives across steps: parameters, buffers, gradients, optimizer states and the shared basis tables."""
-    tensors = list(model.parameters()) + list(model.buffers()) + [p.grad for p in model.parameters()]
-    for state in opt.state.values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    for m in model.modules():
-        if isinstance(m, LowRankLinear) and m.lowrank_spec.basis != "svd":
-            tensors.append(basis_matrix(m.lowrank_spec.basis, m.basis_size, basis_dtype(m.weight.dtype),
-                                        m.weight.device))
-    return storage_bytes(tensors)
 
 
 @dataclasses.dataclass
