@@ -447,6 +447,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
         global_step = state_dict.pop("global_step")
+        existing = {p: dict(s) for p, s in self.state.items()}
         super().load_state_dict(state_dict)
         self._index_groups()
         # torch.optim.Optimizer.load_state_dict casts every state tensor but "step" to its parameter's dtype,
@@ -459,4 +460,18 @@ class LowRankAdamW(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(i, {}).items():
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        _keep_addresses(self.state, existing)
         self.restore_after_load(int(global_step))
+
+
+def _keep_addresses(state, existing: dict) -> None:
+    """Copy loaded state tensors into the ones they replace where those match (type, shape, dtype, device), so
+    state tensors keep their addresses across a load (what captured CUDA graphs and compiled steps rely on)."""
+    for p, old_state in existing.items():
+        new_state = state.get(p, {})
+        for key, old in old_state.items():
+            new = new_state.get(key)
+            if (isinstance(old, Tensor) and isinstance(new, Tensor) and type(old) is type(new)
+                    and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device):
+                old.copy_(new)
+                new_state[key] = old

@@ -3,6 +3,7 @@ optimizer unchanged, and clipping that cannot work says so."""
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import pytest
@@ -328,3 +329,25 @@ def test_the_advice_for_a_rank_too_large_can_be_followed():
     assert len(opt.layers) == 2
     with pytest.raises(ValueError, match="side of 1"):
         lrc.wrap_model(nn.Sequential(nn.Linear(1, 8), nn.Linear(8, 1)), rank=1)
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8"])
+def test_load_state_dict_copies_into_the_existing_state_tensors(state_dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    opt = lrc.wrap_model(model, rank=32, state_dtype=state_dtype)  # (128, 32) states: int8 for real
+    _train(model, opt, 2, d=64)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # torchao's states have no deepcopy; a round trip as users save them
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    _train(model, opt, 1, d=64)
+    before = {(i, k): v for i, p in enumerate(p for g in opt.param_groups for p in g["params"])
+              for k, v in opt.state[p].items()}
+    opt.load_state_dict(saved)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for (i, k), old in before.items():
+        assert opt.state[params[i]][k] is old, (i, k)  # the same tensor object, now holding the loaded values
+        assert torch.equal(lrc.quant.dequantize(old), lrc.quant.dequantize(saved["state"][i][k]).to(old.dtype))
+    if state_dtype == "int8":
+        assert lrc.quant.is_quantized(opt.state[model[0].weight]["exp_avg"])
