@@ -6,6 +6,8 @@ import math
 import numbers
 from typing import Callable, Mapping
 
+import torch
+
 __all__ = ["LowRankConfig", "BASES", "NORMS", "STATE_POLICIES", "STATE_DTYPES", "REFRESH_SYNC_MODES",
            "DEFAULT_UPDATE_GAP", "check_rank", "resolve_rank"]
 
@@ -13,6 +15,8 @@ BASES = ("dct", "svd", "random")
 NORMS = ("l1", "l2")
 STATE_POLICIES = ("match", "keep", "reset")
 STATE_DTYPES = ("fp32", "bf16", "int8", "int4", "fp8")  # "int8" | "int4" | "fp8": torchao subclasses (quant.py)
+# dtypes the refresh's score products may run in (score_dtype); torch.float32 ranks as the reference does
+SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # How the processes of a data-parallel job agree on a refresh (lowrank_compile.distributed); "auto" picks.
 REFRESH_SYNC_MODES = ("exact", "cheap", "local")
 
@@ -55,6 +59,7 @@ class LowRankConfig:
     stochastic_round: bool = True
     refresh_sync: str = "auto"
     stagger: bool = False
+    score_dtype: torch.dtype | None = dataclasses.field(default=None, metadata={"saved": False})
 
     def __post_init__(self):
         # normalise the forms wrap_model accepts: a betas list, a layer_rank mapping
@@ -102,6 +107,9 @@ class LowRankConfig:
         if self.clip_per_tensor is not None and not (
                 _is_number(self.clip_per_tensor) and math.isfinite(self.clip_per_tensor) and self.clip_per_tensor > 0):
             raise ValueError(f"clip_per_tensor must be a finite number > 0 or None, got {self.clip_per_tensor!r}")
+        if self.score_dtype not in (None,) + SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be None (each layer's compute dtype) or one of {SCORE_DTYPES}, got "
+                             f"{self.score_dtype!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ValueError(f"filter_fn must be a callable (module, fqn) -> bool or None, got {self.filter_fn!r}")
 

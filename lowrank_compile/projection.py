@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .basis import basis_matrix, gather_columns, transform_rows
-from .selection import (norm_order, select_left, select_right, select_top_r, sketch_matrix, sketched_left_scores,
-                        sketched_right_scores)
+from .selection import (left_scores, norm_order, right_scores, select_left, select_right, select_top_r,
+                        sketch_matrix, sketched_left_scores, sketched_right_scores)
 
 __all__ = ["LayerSpec", "RefreshControl", "LowRankLinear", "basis_dtype"]
 
@@ -70,11 +70,13 @@ class RefreshControl:
     checkpointing runs before its layer's backward and so makes the same decision as the original one.
     """
 
-    def __init__(self, update_gap: int, sketch_rows: int = 0, seed: int = 0, stagger: bool = False):
+    def __init__(self, update_gap: int, sketch_rows: int = 0, seed: int = 0, stagger: bool = False,
+                 score_dtype: torch.dtype | None = None):
         self.update_gap = update_gap
         self.sketch_rows = sketch_rows  # 0: exact scores; k > 0: scores from a k-row random sketch
         self.seed = seed
         self.stagger = stagger  # True: layer i refreshes when (t + i) % update_gap == 0 (and at t == 1)
+        self.score_dtype = score_dtype  # dtype of the refresh's score products; None: each layer's compute dtype
         self.step = 0  # completed optimizer steps
         self.layers: list["LowRankLinear"] = []
         self.hooks: list = []  # removable handles of the optimizer's in-backward updates (fused=True)
@@ -137,7 +139,8 @@ def svd_basis(g: Tensor, r: int, right: bool) -> Tensor:
 
 
 def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, right: bool, kind: str,
-                norm_p: int, refresh: bool, omega: Tensor | None = None, reducer=None) -> Tensor:
+                norm_p: int, refresh: bool, omega: Tensor | None = None, reducer=None,
+                score_dtype: torch.dtype | None = None) -> Tensor:
     """G_low of one layer from inputs x2 (T, in) and output gradients g2 (T, out), both of dtype cdt.
 
     In general: the projection of g2^T x2 (a transposed weight passes the two swapped).
@@ -162,7 +165,7 @@ def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, rig
     else:
         idx = selection  # (r,) int64: D_r = D[:, idx]
         if refresh:
-            new_idx, g_low = _refresh(x2, g2, idx.shape[0], D, right, kind, norm_p, omega, reducer)
+            new_idx, g_low = _refresh(x2, g2, idx.shape[0], D, right, kind, norm_p, omega, reducer, score_dtype)
             # A gradient that is not finite, or all zero, ranks nothing: keep the previous selection (decided
             # on the device; the optimizer then skips a non-finite update, and a zero one is zero in any basis).
             size = torch.linalg.vector_norm(g_low, float("inf"))  # one pass: inf/NaN if any is, 0 iff all are
@@ -176,25 +179,36 @@ def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, rig
 
 
 def _refresh(x2: Tensor, g2: Tensor, r: int, D: Tensor, right: bool, kind: str, norm_p: int, omega: Tensor | None,
-             reducer) -> tuple[Tensor, Tensor]:
-    """A refresh of a fixed-basis layer: the new indices (r,) and the rank-r gradient on them (see rank_r_grad)."""
+             reducer, score_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """A refresh of a fixed-basis layer: the new indices (r,) and the rank-r gradient on them (see rank_r_grad).
+
+    score_dtype: the dtype of the score products (None: the compute dtype). When it differs, the columns are
+    ranked from operands cast to it and the rank-r gradient is then formed in the compute dtype.
+    """
+    cast = score_dtype is not None and score_dtype != g2.dtype
     if right:
         xd = transform_rows(kind, x2, D)  # (T, n): x in basis coordinates
-        if reducer is None and omega is None:  # exact, this process alone: select and project in one pass
+        if reducer is None and omega is None and not cast:  # exact, alone: select and project in one pass
             return select_right(g2, xd, norm_p, r)
+        gs, xs = (g2.to(score_dtype), xd.to(score_dtype)) if cast else (g2, xd)
         if reducer is not None:
-            scores = reducer.right_scores(g2, xd, norm_p, omega)
+            scores = reducer.right_scores(gs, xs, norm_p, omega)
+        elif omega is not None:
+            scores = sketched_right_scores(gs, xs, omega, norm_p)
         else:
-            scores = sketched_right_scores(g2, xd, omega, norm_p)
+            scores = right_scores(gs, xs, norm_p)
         new_idx = select_top_r(scores, r)
         return new_idx, g2.t() @ xd.index_select(1, new_idx)  # (out, T) @ (T, r)
     gd = transform_rows(kind, g2, D)  # (T, n): gy in basis coordinates
-    if reducer is None and omega is None:
+    if reducer is None and omega is None and not cast:
         return select_left(gd, x2, norm_p, r)
+    gs, xs = (gd.to(score_dtype), x2.to(score_dtype)) if cast else (gd, x2)
     if reducer is not None:
-        scores = reducer.left_scores(gd, x2, norm_p, omega)
+        scores = reducer.left_scores(gs, xs, norm_p, omega)
+    elif omega is not None:
+        scores = sketched_left_scores(gs, xs, omega, norm_p)
     else:
-        scores = sketched_left_scores(gd, x2, omega, norm_p)
+        scores = left_scores(gs, xs, norm_p)
     new_idx = select_top_r(scores, r)
     return new_idx, gd.index_select(1, new_idx).t() @ x2  # (r, T) @ (T, in)
 
@@ -223,7 +237,7 @@ class _ProjectedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, carrier, selection, D, omega, right: bool, kind: str, norm_p: int,
-                refresh: bool, transposed: bool, reducer=None):
+                refresh: bool, transposed: bool, reducer=None, score_dtype=None):
         if torch.compiler.is_compiling():
             ctx.save_for_backward(x, weight, selection, D, omega)
             ctx.selection_version = None
@@ -234,6 +248,7 @@ class _ProjectedLinearFn(torch.autograd.Function):
             ctx.save_for_backward(x, weight, D, omega)
             ctx.selection, ctx.selection_version = selection, selection._version
         ctx.reducer = reducer
+        ctx.score_dtype = score_dtype
         ctx.meta = (right, kind, norm_p, refresh, transposed, carrier.dtype, None if bias is None else bias.dtype)
         return dense_linear(x, weight, bias, transposed)
 
@@ -259,8 +274,8 @@ class _ProjectedLinearFn(torch.autograd.Function):
             # the stored weight's gradient is row_factor^T col_factor: gy^T x, or x^T gy for a transposed weight
             row_factor, col_factor = (x2, g2) if transposed else (g2, x2)
             grad_low = rank_r_grad(col_factor, row_factor, selection, D, right, kind, norm_p, refresh, omega,
-                                   ctx.reducer).to(carrier_dtype)
-        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None, None, None
+                                   ctx.reducer, ctx.score_dtype).to(carrier_dtype)
+        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None, None, None, None
 
 
 class LowRankLinear(nn.Linear):
@@ -397,7 +412,7 @@ class LowRankLinear(nn.Linear):
         reducer = self._lowrank_control.score_reducer if refresh else None  # only refreshes talk to other processes
         return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), D, omega,
                                         spec.right, spec.basis, spec.norm_p, refresh,
-                                        self._lowrank_transposed, reducer)
+                                        self._lowrank_transposed, reducer, self._lowrank_control.score_dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

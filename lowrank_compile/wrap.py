@@ -51,6 +51,7 @@ def wrap_model(
     stochastic_round: bool = _D.stochastic_round,
     refresh_sync: str = _D.refresh_sync,
     stagger: bool = _D.stagger,
+    score_dtype: torch.dtype | None = _D.score_dtype,
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
 
@@ -115,6 +116,10 @@ def wrap_model(
         stagger: False (default): every layer refreshes on the same steps. True: layer i (in wrap order)
             refreshes when (t + i) % update_gap == 0, and every layer at t == 1, so each step pays for about
             1/update_gap of the layers' refreshes instead of all of them every update_gap-th step.
+        score_dtype: the dtype of a refresh's score products, which only rank the basis columns: None (default)
+            each layer's compute dtype (its gradients' dtype); torch.float32 ranks as the reference does;
+            torch.bfloat16 runs them on a GPU's tensor cores. The rank-r gradient itself is always formed in the
+            compute dtype.
 
     Returns:
         a :class:`LowRankAdamW` that owns every trainable parameter of the model.
@@ -141,7 +146,7 @@ def wrap_model(
     plan = _plan(model, config)
     quant.check_available(config.state_dtype, plan[0][1].weight.device)
     control = RefreshControl(config.update_gap, sketch_rows=config.sketch_rows, seed=config.seed,
-                             stagger=config.stagger)
+                             stagger=config.stagger, score_dtype=config.score_dtype)
     layers: dict[torch.Tensor, LowRankLinear] = {}
     try:  # all or nothing: an error anywhere below leaves the model as it was
         opt = _build(model, config, plan, control, layers)

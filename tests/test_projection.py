@@ -266,3 +266,42 @@ def test_carrier_costs_no_memory_outside_ddp_and_materialises_on_request():
         carrier.numel() * carrier.element_size()
     wrapped.to(torch.float32)
     assert carrier.is_contiguous()  # materialised carriers stay real after .to()
+
+
+def test_score_dtype_float32_is_the_default_on_fp32_and_bf16_scores_keep_the_energy():
+    """score_dtype=torch.float32 changes nothing on an fp32 model; bf16 score products pick columns that keep
+    nearly all of the fp32 selection's gradient energy (they only rank; the rank-r gradient stays fp32)."""
+    from lowrank_compile.basis import basis_matrix
+    from lowrank_compile.selection import right_scores, select_top_r
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(96, 256), nn.GELU(), nn.Linear(256, 96))
+        opt = lrc.wrap_model(model, rank=16, update_gap=1, **kw)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            model(torch.randn(64, 96, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    default, _ = run()
+    fp32, _ = run(score_dtype=torch.float32)
+    for a, b in zip(default.state_dict().values(), fp32.state_dict().values()):
+        assert torch.equal(a, b)
+    bf16, opt = run(score_dtype=torch.bfloat16)
+    assert all(torch.isfinite(p).all() for p in bf16.parameters())
+    assert all(g.dtype == torch.float32 for g in opt.lowrank_grads()) or not opt.lowrank_grads()
+    # energy of a fresh gradient kept by each selection, against the dense reference G
+    torch.manual_seed(1)
+    x, gy = torch.randn(128, 96), torch.randn(128, 256)
+    G = gy.t() @ x  # (256, 96): right-projected, n = 96
+    D = basis_matrix("dct", 96, torch.float32, torch.device("cpu"))
+    xd = x @ D
+    scores32 = right_scores(gy, xd, 1)
+    scores16 = right_scores(gy.bfloat16(), xd.bfloat16(), 1)
+    idx32, idx16 = select_top_r(scores32, 16), select_top_r(scores16, 16)
+    energy = lambda idx: (G @ D[:, idx]).square().sum()  # noqa: E731
+    assert energy(idx16) >= 0.98 * energy(idx32)
+    with pytest.raises(ValueError, match="score_dtype"):
+        lrc.wrap_model(nn.Sequential(nn.Linear(96, 256)), rank=16, score_dtype=torch.int32)
