@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["match_slots", "matched", "moments_direction", "adam_ratio_bound", "row_chunks", "write_back_",
            "back_project_", "lowrank_adamw_", "adamw_", "adamw_chunked_", "remap_states", "clip_tensor_norm_",
-           "UPDATE_CHUNK_ELEMS", "SkipCounter", "finite_guard", "guard_list"]
+           "UPDATE_CHUNK_ELEMS", "SkipCounter", "guard_list"]
 
 
 def match_slots(old_idx: Tensor, new_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,8 +40,8 @@ def matched(s: Tensor, src: Tensor, kept: Tensor, dim: int) -> Tensor:
 
 
 def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float,
-                      match: tuple[Tensor, Tensor, int] | None = None, ok: Tensor | None = None,
-                      kept_betas: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                      match: tuple[Tensor, Tensor, int] | None = None,
+                      guard: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Update the moments m, v in place (after step has been advanced); return Adam's bias-corrected direction.
 
     Computed in fp32 (fp64 for fp64 states) whatever the states' storage: bf16 and torchao-quantised states are
@@ -49,10 +49,9 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     sqrt(bc2) / bc1, which is algebraically (m / bc1) / (sqrt(v / bc2) + eps).
     match: (src, kept, dim) from match_slots, to move the states to a refreshed selection first, in the same
     pass: quantised states are then decoded and encoded once per step, not twice.
-    ok: None, or a 0-d bool tensor (see finite_guard): where False, m and v keep their values and the direction is
-    0, decided on the device without a host synchronisation; where True, the result is bit for bit the unguarded one.
-    kept_betas: with ok, the 0-d factors (beta1 where ok else 1, beta2 where ok else 1) in the compute dtype, when
-    the caller made them for a whole list at once (guard_list).
+    guard: None, or (ok, beta1 where ok else 1, beta2 where ok else 1) from guard_list: where ok is False, m and v
+    keep their values and the direction is 0, decided on the device without a host synchronisation; where True,
+    the result is bit for bit the unguarded one.
     """
     cdt = torch.float64 if m.dtype == torch.float64 else torch.float32
     g = g.to(cdt)
@@ -60,10 +59,9 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     vf = quant.dequantize(v, cdt)
     if match is not None:
         mf, vf = matched(mf, *match), matched(vf, *match)
-    if ok is not None:  # not finite: decay factors 1 and a zero gradient keep m and v as they are
+    if guard is not None:  # not finite: decay factors 1 and a zero gradient keep m and v as they are
+        ok, beta1_, beta2_ = guard
         g = torch.where(ok, g, 0.0)
-        beta1_, beta2_ = kept_betas or [torch.where(ok, torch.full((), b, dtype=cdt, device=g.device), 1.0)
-                                        for b in (beta1, beta2)]
     else:
         beta1_, beta2_ = beta1, beta2
     mf.mul_(beta1_).add_(g, alpha=1 - beta1)
@@ -82,35 +80,29 @@ def moments_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: floa
     if quant.is_quantized(m):
         bound = adam_ratio_bound(step, beta1, beta2) * 1.05  # slack for the fp32 rounding of the bound itself
         u.clamp_(-bound, bound)
-    if ok is not None:
-        u.mul_(ok)  # 0 where skipped (u is finite there: it comes from the kept moments)
+    if guard is not None:
+        u.mul_(guard[0])  # 0 where skipped (u is finite there: it comes from the kept moments)
     return u
 
 
-def finite_guard(g: Tensor, skips: Tensor | None) -> Tensor | None:
-    """For a non-finite guard: a 0-d bool tensor, whether every element of gradient g is finite, and count a
-    non-finite one into `skips` (a 0-d int64 tensor). None when skips is None (no guard). No host read."""
+def guard_list(grads: list[Tensor], skips: Tensor | None, beta1: float, beta2: float, like: Tensor) -> list:
+    """Non-finite guards for a list of gradients, in a few batched ops with no host read: per gradient
+    (ok, beta1 where ok else 1, beta2 where ok else 1), ok a 0-d bool tensor, the factors in the compute dtype of
+    states like `like` (see moments_direction); each non-finite gradient is counted into `skips` (a 0-d int64
+    tensor). All None when skips is None (no guard). Non-finite is judged by the max-norm: inf or NaN exactly when
+    an element is."""
     if skips is None:
-        return None
-    ok = torch.isfinite(g).all()
-    skips.add_((~ok).to(skips.device))
-    return ok
-
-
-def guard_list(grads: list[Tensor], skips: Tensor | None, beta1: float, beta2: float, dtype: torch.dtype):
-    """finite_guard for a list of gradients in a few batched ops: per gradient (ok, (beta1 or 1, beta2 or 1)), or
-    Nones when skips is None. Non-finite is judged by the max-norm (inf or NaN exactly when an element is)."""
-    if skips is None:
-        return [None] * len(grads), [None] * len(grads)
+        return [None] * len(grads)
     oks = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
     skips.add_((~oks).sum().to(skips.device))
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     betas = [torch.where(oks, torch.full((), b, dtype=dtype, device=oks.device), 1.0) for b in (beta1, beta2)]
-    return list(oks.unbind()), list(zip(betas[0].unbind(), betas[1].unbind()))
+    return list(zip(oks.unbind(), betas[0].unbind(), betas[1].unbind()))
 
 
 class SkipCounter:
     """Counts the parameter updates skipped for a non-finite gradient: one 0-d int64 tensor per device, added to
-    on the device (finite_guard), read on the host only when asked (total), with a warning when it has grown."""
+    on the device (guard_list), read on the host only when asked (total), with a warning when it has grown."""
 
     def __init__(self):
         self._counts: dict[torch.device, Tensor] = {}
@@ -131,10 +123,12 @@ class SkipCounter:
         return total
 
 
-def guarded_decay(decay, ok: Tensor | None, dtype: torch.dtype, device):
-    """The weight-decay factor, 1 where the update is skipped (ok False); a 0-d tensor then, else as given."""
-    if ok is None or decay is None:
+def guarded_decay(decay, guard: tuple | None, dtype: torch.dtype, device):
+    """The weight-decay factor, 1 where the update is skipped (guard_list's ok False); a 0-d tensor then, else as
+    given."""
+    if guard is None or decay is None:
         return decay
+    ok = guard[0]
     if isinstance(decay, Tensor):  # lr as a tensor (compiled updates): never read its value on the host
         return torch.where(ok, decay.to(device=device, dtype=dtype), 1.0)
     return torch.where(ok, torch.full((), decay, dtype=dtype, device=device), 1.0)
@@ -231,14 +225,12 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     is counted there.
     """
     direction = direction or moments_direction
-    oks, kept = guard_list(grads, skips, beta1, beta2, torch.float64 if exp_avgs[0].dtype == torch.float64 else
-                           torch.float32)
+    guards = guard_list(grads, skips, beta1, beta2, exp_avgs[0])
     for i, (w, g, m, v, D_r, step) in enumerate(zip(weights, grads, exp_avgs, exp_avg_sqs, D_rs, steps)):
         step.add_(1)
-        ok = oks[i]
-        u = direction(g, m, v, step, beta1, beta2, eps, None if match is None else match[i], ok, kept[i])
+        u = direction(g, m, v, step, beta1, beta2, eps, None if match is None else match[i], guards[i])
         decay = None if weight_decay == 0 else 1 - lr * weight_decay
-        decay = guarded_decay(decay, ok, w.dtype if w.dtype == torch.float64 else torch.float32, w.device)
+        decay = guarded_decay(decay, guards[i], w.dtype if w.dtype == torch.float64 else torch.float32, w.device)
         back_project_(w, u.mul_(-lr * scale), D_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
                       product_dtype=product_dtype)
 
@@ -248,19 +240,17 @@ def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
            rounding: list | None = None, skips: Tensor | None = None) -> None:
     """Plain AdamW, in place. fp32/fp64 parameters directly; low-precision ones in fp32, rounded once (rounding,
     skips: as in lowrank_adamw_)."""
-    oks, kept = guard_list(grads, skips, beta1, beta2, torch.float64 if exp_avgs[0].dtype == torch.float64 else
-                           torch.float32)
+    guards = guard_list(grads, skips, beta1, beta2, exp_avgs[0])
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         step.add_(1)
-        ok = oks[i]
-        u = moments_direction(g, m, v, step, beta1, beta2, eps, None, ok, kept[i])
+        u = moments_direction(g, m, v, step, beta1, beta2, eps, None, guards[i])
         wide = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
         if p.dtype in (torch.float32, torch.float64):
             if weight_decay != 0:
-                p.mul_(guarded_decay(1 - lr * weight_decay, ok, wide, p.device))
+                p.mul_(guarded_decay(1 - lr * weight_decay, guards[i], wide, p.device))
             p.sub_(u.mul_(lr).to(p.dtype))
         else:  # decay and update in fp32, rounded once (stochastically for bf16 when keyed)
-            new = p.float().mul_(guarded_decay(1 - lr * weight_decay, ok, wide, p.device)).sub_(u.mul_(lr))
+            new = p.float().mul_(guarded_decay(1 - lr * weight_decay, guards[i], wide, p.device)).sub_(u.mul_(lr))
             write_back_(p, new, None if rounding is None else _rounding(rounding[i], step), 0)
 
 
@@ -273,13 +263,13 @@ def adamw_chunked_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr,
     fn = fn or moments_direction
     step.add_(1)
     rounding = _rounding(rounding, step)
-    ok = finite_guard(g, skips)
+    guard = guard_list([g], skips, beta1, beta2, m)[0]  # the whole gradient, before the first chunk
     wide = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-    decay = guarded_decay(1 - lr * weight_decay, ok, wide, p.device)
+    decay = guarded_decay(1 - lr * weight_decay, guard, wide, p.device)
     row = p.numel() // max(1, p.shape[0]) if p.ndim else 1
     chunks = row_chunks((p, g, m, v), max_elems or UPDATE_CHUNK_ELEMS, block=max(quant.BLOCK_SIZE.values()))
     for start, (w, gc, mc, vc) in chunks:
-        u = fn(gc, mc, vc, step, beta1, beta2, eps, None, ok)
+        u = fn(gc, mc, vc, step, beta1, beta2, eps, None, guard)
         if w.dtype in (torch.float32, torch.float64):
             if weight_decay != 0:
                 w.mul_(decay)
