@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import quant
 from .checkpoint_file import MAX_HEADER, CheckpointError, brief
+from .state_check import hyper_problem, is_step_count, valid_indices
 
 __all__ = ["index_dtype", "param_names", "layer_entries", "header_bounds", "check_header", "check_global_step",
            "check_values", "restored_groups"]
@@ -211,12 +212,11 @@ def check_values(tensors: dict[str, Tensor], expected: dict[str, _Spec], here: d
         spec, t = expected[k], tensors[k]
         if spec.key == "step":
             v = t.item()
-            if not (math.isfinite(v) and v >= 0 and v == math.floor(v)):
+            if not is_step_count(v):
                 problems.append(f"tensor {k}: step {v} is not a count (an integer >= 0)")
         elif spec.key == "indices":
             n = here[spec.param]["basis_size"]
-            idx = t.to(torch.int64)
-            if idx.numel() and (idx.min() < 0 or idx.max() >= n or idx.unique().numel() != idx.numel()):
+            if not valid_indices(t.to(torch.int64), n):
                 problems.append(f"tensor {k}: indices must be distinct and in [0, {n})")
         elif spec.key in ("exp_avg", "exp_avg_sq", "basis"):
             if spec.part == "codes" and not t.is_floating_point():
@@ -261,12 +261,10 @@ def restored_groups(opt, saved_groups: list[dict]) -> list[dict]:
             if k == "betas" and not (isinstance(plain, tuple) and all(_finite_number(b) for b in plain)):
                 problems.append(f"{where}: {brief(plain)} is not two finite numbers")
                 continue
-            if k in fields:
-                try:
-                    dataclasses.replace(opt.config, **{k: plain})
-                except (ValueError, TypeError) as e:
-                    problems.append(f"{where}: {e}")
-                    continue
+            problem = hyper_problem(opt.config, k, plain) if k in fields else None
+            if problem:
+                problems.append(f"{where}: {problem}")
+                continue
             values[k] = v
         out.append(values)
     if problems:

@@ -260,8 +260,10 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+@functools.lru_cache(maxsize=None)
 def counter_base(seed: int, index: int) -> Tensor:
-    """The per-parameter part of a counter-based rounding key: a 0-d int64 CPU tensor from (seed, index)."""
+    """The per-parameter part of a counter-based rounding key: a 0-d int64 CPU tensor from (seed, index), cached
+    (treat it as read-only)."""
     return torch.tensor(rounding_key(seed, index, 0) & _M32, dtype=torch.int64)
 
 
@@ -273,13 +275,8 @@ def write_back_rounding(seed: int, index: int, step: Tensor, device, compiled_up
     graph derives the key itself (counter_key), with no host read.
     """
     if compiled_update:
-        return _counter_base_cached(seed, index)
+        return counter_base(seed, index)
     return rounding_generator(rounding_key(seed, index, int(step.item()) + 1), device)
-
-
-@functools.lru_cache(maxsize=None)
-def _counter_base_cached(seed: int, index: int) -> Tensor:
-    return counter_base(seed, index)
 
 
 def counter_key(base: Tensor, step: Tensor) -> Tensor:

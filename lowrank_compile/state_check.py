@@ -14,7 +14,26 @@ from torch import Tensor
 
 from . import quant
 
-__all__ = ["check_state_dict"]
+__all__ = ["check_state_dict", "is_step_count", "valid_indices", "hyper_problem"]
+
+
+def is_step_count(v: float) -> bool:
+    """Whether v is a value a step counter can hold: a finite whole number >= 0."""
+    return math.isfinite(v) and v >= 0 and float(v).is_integer()
+
+
+def valid_indices(idx: Tensor, n: int) -> bool:
+    """Whether integer tensor idx holds distinct indices in [0, n) (a selection of basis columns)."""
+    return idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < n and idx.unique().numel() == idx.numel())
+
+
+def hyper_problem(config, key: str, value) -> str | None:
+    """What is wrong with `value` for the option `key` by wrap_model's own rules (LowRankConfig), or None."""
+    try:
+        dataclasses.replace(config, **{key: value})
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
 
 
 def check_state_dict(opt, sd) -> None:
@@ -39,13 +58,13 @@ def check_state_dict(opt, sd) -> None:
             if saved.get(key) != group.get(key):
                 raise ValueError(f"param group {gi}: {key} is {saved.get(key)!r} in the state_dict, "
                                  f"{group.get(key)!r} here")
-        try:
-            dataclasses.replace(opt.config, lr=saved.get("lr"), betas=tuple(saved.get("betas", ())),
-                                eps=saved.get("eps"), weight_decay=saved.get("weight_decay"),
-                                scale=saved.get("scale", 1.0), seed=saved.get("seed", 0),
-                                stochastic_round=saved.get("stochastic_round", True))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"param group {gi}: {exc}") from None
+        values = dict(lr=saved.get("lr"), betas=tuple(saved.get("betas", ())), eps=saved.get("eps"),
+                      weight_decay=saved.get("weight_decay"), scale=saved.get("scale", 1.0), seed=saved.get("seed", 0),
+                      stochastic_round=saved.get("stochastic_round", True))
+        for key, value in values.items():
+            problem = hyper_problem(opt.config, key, value)
+            if problem:
+                raise ValueError(f"param group {gi}: {problem}")
         for i, p in zip(saved["params"], group["params"]):
             if i in states:
                 _check_param_state(opt, states[i], p, group, f"param group {gi}, parameter {i}")
@@ -56,8 +75,7 @@ def _check_param_state(opt, state: dict, p: Tensor, group: dict, where: str) -> 
     kind = "fp64" if group["state_dtype"] == "fp32" and p.dtype == torch.float64 else \
         quant.storage_kind(shape, group["state_dtype"])
     step = state.get("step")
-    if not isinstance(step, Tensor) or step.numel() != 1 or not (
-            math.isfinite(step.item()) and step.item() >= 0 and float(step.item()).is_integer()):
+    if not isinstance(step, Tensor) or step.numel() != 1 or not is_step_count(step.item()):
         raise ValueError(f"{where}: step must be a whole count >= 0, got {step!r}")
     for key in ("exp_avg", "exp_avg_sq"):
         s = state.get(key)
@@ -68,13 +86,12 @@ def _check_param_state(opt, state: dict, p: Tensor, group: dict, where: str) -> 
         if not torch.isfinite(values).all() or (key == "exp_avg_sq" and (values < 0).any()):
             raise ValueError(f"{where}: {key} holds non-finite{' or negative' if key == 'exp_avg_sq' else ''} values")
     if layer is not None:
-        key = ("basis" if layer.lowrank_spec.basis == "svd" else "indices")
+        key = "basis" if layer.lowrank_spec.basis == "svd" else "indices"
         sel = state.get(key)
         n, r = layer.basis_size, layer.lowrank_spec.rank
         if key == "indices":
-            ok = isinstance(sel, Tensor) and tuple(sel.shape) == (r,) and not sel.is_floating_point() and (
-                r == 0 or (int(sel.min()) >= 0 and int(sel.max()) < n and sel.unique().numel() == r))
-            if not ok:
+            if not (isinstance(sel, Tensor) and tuple(sel.shape) == (r,) and not sel.is_floating_point()
+                    and valid_indices(sel, n)):
                 raise ValueError(f"{where}: indices must be {r} distinct integers in [0, {n}), got {sel!r}")
         elif not (isinstance(sel, Tensor) and tuple(sel.shape) == (n, r) and torch.isfinite(sel).all()):
             raise ValueError(f"{where}: basis must be a finite ({n}, {r}) tensor")
