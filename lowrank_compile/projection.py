@@ -186,31 +186,28 @@ def _refresh(x2: Tensor, g2: Tensor, r: int, D: Tensor, right: bool, kind: str, 
     ranked from operands cast to it and the rank-r gradient is then formed in the compute dtype.
     """
     cast = score_dtype is not None and score_dtype != g2.dtype
-    if right:
-        xd = transform_rows(kind, x2, D)  # (T, n): x in basis coordinates
-        if reducer is None and omega is None and not cast:  # exact, alone: select and project in one pass
-            return select_right(g2, xd, norm_p, r)
-        gs, xs = (g2.to(score_dtype), xd.to(score_dtype)) if cast else (g2, xd)
-        if reducer is not None:
-            scores = reducer.right_scores(gs, xs, norm_p, omega)
-        elif omega is not None:
-            scores = sketched_right_scores(gs, xs, omega, norm_p)
-        else:
-            scores = right_scores(gs, xs, norm_p)
-        new_idx = select_top_r(scores, r)
-        return new_idx, g2.t() @ xd.index_select(1, new_idx)  # (out, T) @ (T, r)
-    gd = transform_rows(kind, g2, D)  # (T, n): gy in basis coordinates
-    if reducer is None and omega is None and not cast:
-        return select_left(gd, x2, norm_p, r)
-    gs, xs = (gd.to(score_dtype), x2.to(score_dtype)) if cast else (gd, x2)
-    if reducer is not None:
-        scores = reducer.left_scores(gs, xs, norm_p, omega)
+    if right:  # score from (gy, x D); the kept columns are those of x D
+        ops = (g2, transform_rows(kind, x2, D))  # (T, out), (T, n)
+        one_pass, exact, sketched = select_right, right_scores, sketched_right_scores
+        reduced = reducer.right_scores if reducer is not None else None
+    else:  # score from (gy D, x); the kept columns are those of gy D
+        ops = (transform_rows(kind, g2, D), x2)  # (T, n), (T, in)
+        one_pass, exact, sketched = select_left, left_scores, sketched_left_scores
+        reduced = reducer.left_scores if reducer is not None else None
+    if reducer is None and omega is None and not cast:  # exact, alone: select and project in one pass
+        return one_pass(*ops, norm_p, r)
+    scored = tuple(t.to(score_dtype) for t in ops) if cast else ops
+    if reduced is not None:
+        scores = reduced(*scored, norm_p, omega)
     elif omega is not None:
-        scores = sketched_left_scores(gs, xs, omega, norm_p)
+        scores = sketched(*scored, omega, norm_p)
     else:
-        scores = left_scores(gs, xs, norm_p)
+        scores = exact(*scored, norm_p)
     new_idx = select_top_r(scores, r)
-    return new_idx, gd.index_select(1, new_idx).t() @ x2  # (r, T) @ (T, in)
+    a, b = ops
+    if right:
+        return new_idx, a.t() @ b.index_select(1, new_idx)  # (out, T) @ (T, r)
+    return new_idx, a.index_select(1, new_idx).t() @ b  # (r, T) @ (T, in)
 
 
 def carrier_data(shape, dtype: torch.dtype, device, dense: bool) -> Tensor:
