@@ -72,8 +72,8 @@ def make_trainer_optimizers(model: nn.Module, args: TrainingArguments, num_train
     (``args.max_grad_norm``) runs over ``model.parameters()``, carriers included: it clips the rank-r
     gradients together with the plain ones. ``fused=True`` works with ``gradient_accumulation_steps=1``
     only, and its updates run inside backward, before Trainer clips (use wrap_model's clip_per_tensor).
-    fp16 mixed precision is refused: its GradScaler unscales only the gradients of the optimizer's own
-    parameters, not the carriers'; use bf16.
+    fp16 mixed precision works as with torch AdamW (its GradScaler unscales and checks the rank-r gradients too,
+    see lowrank_compile.amp), except with ``fused=True``, which is refused.
 
     Example::
 
@@ -94,10 +94,10 @@ def make_trainer_optimizers(model: nn.Module, args: TrainingArguments, num_train
         raise ValueError(f"fused=True updates each layer inside backward, so it cannot wait for Trainer's "
                          f"gradient_accumulation_steps={args.gradient_accumulation_steps} micro-batches; use "
                          "fused=False, or gradient_accumulation_steps=1")
-    if args.fp16:
-        raise ValueError("fp16=True: Trainer's GradScaler unscales only the gradients of the optimizer's "
-                         "parameters, and the rank-r gradients live in the layers' lowrank_grad carriers; use "
-                         "bf16=True (no scaler) or full precision")
+    if args.fp16 and fused:
+        raise ValueError("fp16=True with fused=True: Trainer's GradScaler checks and unscales gradients after "
+                         "backward, but fused updates already ran inside it; use fused=False, or bf16=True (no "
+                         "scaler)")
     if fused and args.max_grad_norm and args.max_grad_norm > 0:
         raise ValueError(f"fused=True updates each layer inside backward, before Trainer clips gradients, so "
                          f"max_grad_norm={args.max_grad_norm} would clip nothing; set max_grad_norm=0 in "

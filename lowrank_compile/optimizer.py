@@ -15,14 +15,16 @@ AdamW with the same hyper-parameters. The class gathers; the functions below com
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import types
 from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-from . import quant
+from . import amp, quant
 from .config import LowRankConfig
 from .projection import LowRankLinear, RefreshControl
 from .state_check import check_state_dict
@@ -31,6 +33,8 @@ from .update import (SkipCounter, adamw_, adamw_chunked_, clip_tensor_norm_, low
                      moments_direction, remap_states)
 
 __all__ = ["LowRankAdamW"]
+
+logger = logging.getLogger("lowrank_compile")
 
 
 class LowRankAdamW(torch.optim.Optimizer):
@@ -45,8 +49,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     ``micro_step``, ``global_step``, :meth:`update_now`, :meth:`rebind_param` and :meth:`restore_after_load`.
     """
 
-    # torch.amp.GradScaler hands an optimizer with this flag its scale and inf flag instead of unscaling by itself
-    # (GradScaler.step); step() uses that to refuse a scaler it cannot yet serve correctly (see step).
+    # torch.amp.GradScaler.step always calls step() of an optimizer with this flag, handing it the scale and the
+    # inf flag (attributes grad_scale, found_inf); step() skips, unscales and refuses itself (see amp.py)
     _step_supports_amp_scaling = True
 
     def __init__(self, param_groups: list[dict], layers: Mapping[Tensor, LowRankLinear], control: RefreshControl,
@@ -69,6 +73,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._group_of: dict[Tensor, dict] = {}
         self._skips = SkipCounter()  # updates skipped for non-finite gradients
+        self._scaler_cycle = amp.ScalerCycle()  # what torch.amp.GradScaler said during this step (amp.py)
+        self._scaler_owns_infs = False  # True while a GradScaler-checked update runs: the guard stays quiet
+        self._carriers: dict | None = None  # the carriers' bookkeeping param group while it is shown (amp.py)
+        self._carrier_ids: set[int] = set()
         self._index_groups()
         # graphs a compiled update may need: one per shape, times refresh / ordinary variants and row chunks
         shapes = {(tuple(p.shape), p.dtype) for g in self.param_groups for p in g["params"]}
@@ -79,6 +87,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             compiled(moments_direction).allow(3 * len(shapes) + 8)
         if config.fused:
             self._register_fused_hooks()
+        else:
+            control.grad_listeners.append(self._expose_carrier)
 
     # -- the public interface ------------------------------------------------------------------------
     @property
@@ -136,8 +146,18 @@ class LowRankAdamW(torch.optim.Optimizer):
         by state_dict) when the count has grown."""
         return self._skips.total()
 
-    def _skips_on(self, device: torch.device) -> Tensor:
-        return self._skips.on(device)
+    @property
+    def scaler_skips(self) -> int:
+        """Optimizer steps skipped under torch.amp.GradScaler because the scale changed within an accumulated step
+        (``accumulate > 1``: the scaler's growth between micro-batches); steps with infs are the scaler's own
+        skips and are not counted here."""
+        return self._scaler_skips
+
+    _scaler_skips = 0
+
+    def _skips_on(self, device: torch.device) -> Tensor | None:
+        return None if self._scaler_owns_infs else self._skips.on(device)
+
 
     @torch.no_grad()
     def update_now(self, params: Iterable[Tensor]) -> None:
@@ -215,6 +235,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         """Clear plain and rank-r gradients; a no-op between the micro-batches of one accumulated step."""
         if self._micro_steps != 0:
             return
+        self._hide_carriers()
+        self._scaler_cycle.reset()
         super().zero_grad(set_to_none=set_to_none)
         for layer in self._layers.values():
             carrier = layer.lowrank_grad
@@ -237,7 +259,8 @@ class LowRankAdamW(torch.optim.Optimizer):
                                "so there is nothing left to clip afterwards (torch.nn.utils.clip_grad_norm_ would "
                                "return 0 and clip nothing); wrap with clip_per_tensor=max_norm to clip each "
                                "gradient just before its update, or use fused=False")
-        holders = [self._layers[p].lowrank_grad if g["lowrank"] else p for g in self.param_groups for p in g["params"]]
+        holders = [self._layers[p].lowrank_grad if g["lowrank"] else p for g in self.param_groups for p in g["params"]
+                   if not g.get("carriers")]
         return torch.nn.utils.clip_grad_norm_(holders, max_norm, norm_type=norm_type,
                                               error_if_nonfinite=error_if_nonfinite, foreach=foreach)
 
@@ -254,26 +277,105 @@ class LowRankAdamW(torch.optim.Optimizer):
         backward / step / zero_grad per micro-batch needs no change. With ``fused=True`` the updates already
         ran inside backward and step only advances the counter.
         """
-        if hasattr(self, "grad_scale") or hasattr(self, "found_inf"):
-            raise RuntimeError(
-                "torch.amp.GradScaler is not supported yet: its unscale_ and inf checks see only the gradients of "
-                "the optimizer's parameters, not the projected layers' rank-r gradients (in their lowrank_grad "
-                "carriers), so it would apply scaled gradients and miss infs in them. Train in bf16 (no scaler) or "
-                "fp32, or keep fp16 layers out of the projection with filter_fn.")
+        scaler = amp.scaler_inputs(self)  # torch.amp.GradScaler.step is calling: see amp.py
+        if scaler is not None and self.fused:
+            raise RuntimeError(amp.FUSED_ERROR)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_wrapped()
         self._micro_steps += 1
+        if scaler is not None:
+            self._scaler_cycle.note(*scaler)
         if self._micro_steps < self.accumulate:
             return loss
         self._micro_steps = 0
-        if not self.fused:
-            for group in self.param_groups:
-                self._update(group, group["params"])
+        if self._scaler_cycle.active and self._scaler_skip():
+            return loss
+        try:
+            if not self.fused:
+                for group in self.param_groups:
+                    if not group.get("carriers"):
+                        self._update(group, group["params"])
+        finally:
+            self._scaler_owns_infs = False
+            self._hide_carriers()
         self._control.advance()
         return loss
+
+    def _scaler_skip(self) -> bool:
+        """The updating step() under a GradScaler: skip it (True) on inf or a scale changed within the step,
+        leaving weights, states, step counter and selections as they were; else unscale the gradients (unless
+        the scaler's unscale_ did) and let the update run without the non-finite guard."""
+        cycle = self._scaler_cycle
+        inf, changed = cycle.verdict()
+        scale = cycle.last_scale
+        cycle.reset()
+        if inf or changed:
+            if changed and not inf:
+                self._scaler_skips += 1
+                logger.warning("lowrank_compile: step skipped: the GradScaler changed its scale between the "
+                               "micro-batches of one accumulated step (%d such steps so far); the gradient summed "
+                               "under two scales cannot be unscaled", self._scaler_skips)
+            self._undo_refresh()
+            self._hide_carriers()
+            return True
+        if scale is not None:
+            amp.unscale_([g for g in self._present_grads()], scale)
+        self._scaler_owns_infs = True
+        return False
+
+    def _present_grads(self) -> list[Tensor]:
+        """Every gradient this optimizer would update from now: plain .grad and the layers' rank-r gradients."""
+        grads = []
+        for group in self.param_groups:
+            if group.get("carriers"):
+                continue
+            for p in group["params"]:
+                g = self._grad(p, group)
+                if g is not None:
+                    grads.append(g)
+        return grads
+
+    def _undo_refresh(self) -> None:
+        """A skipped step keeps the selections: layers refreshed in its backward go back to the selection their
+        states hold (or to unselected), and the step's refresh is armed again for the retry."""
+        for p, layer in self._layers.items():
+            if layer.refreshed:
+                state = self.state.get(p)
+                layer.restore_selection(state[self._selection_key(layer)] if state else None)
+        self._control.set_step(self._control.step)
+
+    def _expose_carrier(self, layer: LowRankLinear, carrier: Tensor) -> None:
+        """Listener on each layer's gradient delivery: show the carrier in param_groups until the step that
+        consumes its gradient, so torch.amp.GradScaler unscales and checks it (amp.py)."""
+        if id(carrier) in self._carrier_ids:
+            return
+        if self._carriers is None:
+            self._carriers = amp.carrier_group(self.param_groups[0])
+            self.param_groups.append(self._carriers)
+        self._carriers["params"].append(carrier)
+        self._carrier_ids.add(id(carrier))
+
+    @contextlib.contextmanager
+    def _carriers_hidden(self):
+        """param_groups without the carriers' bookkeeping group for a while (state_dict never holds it)."""
+        group, ids = self._carriers, set(self._carrier_ids)
+        self._hide_carriers()
+        try:
+            yield
+        finally:
+            if group is not None:
+                self._carriers, self._carrier_ids = group, ids
+                self.param_groups.append(group)
+
+    def _hide_carriers(self) -> None:
+        if self._carriers is not None:
+            index = next(i for i, g in enumerate(self.param_groups) if g is self._carriers)
+            del self.param_groups[index]
+        self._carriers = None
+        self._carrier_ids.clear()
 
     def _grad(self, p: Tensor, group: dict) -> Tensor | None:
         return self._layers[p].lowrank_grad.grad if group["lowrank"] else p.grad
@@ -432,7 +534,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     # -- state_dict --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         self._skips.total()  # logs a warning if the count grew (a save synchronises anyway)
-        sd = super().state_dict()
+        with self._carriers_hidden():
+            sd = super().state_dict()
         sd["global_step"] = self._control.step
         return sd
 
@@ -444,6 +547,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         if self._micro_steps:
             raise RuntimeError("load_state_dict was called between the micro-batches of an accumulated step; load "
                                "before the first micro-batch or after the step() that applies the update")
+        self._hide_carriers()
         check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
         global_step = state_dict.pop("global_step")

@@ -80,6 +80,9 @@ class RefreshControl:
         self.step = 0  # completed optimizer steps
         self.layers: list["LowRankLinear"] = []
         self.hooks: list = []  # removable handles of the optimizer's in-backward updates (fused=True)
+        # called as listener(layer, carrier) each time backward delivers a layer's rank-r gradient (the optimizer
+        # uses it to show the carriers to torch.amp.GradScaler, see LowRankAdamW._expose_carrier)
+        self.grad_listeners: list = []
         self.sketches: dict[tuple, Tensor] = {}  # (m, norm_p, device) -> (k, m) sketch, redrawn before each refresh
         # Multi-process training: an object whose right_scores / left_scores / summed_gradient agree on the
         # refresh across processes (lowrank_compile.distributed.RefreshReducer). None: this process's own.
@@ -354,6 +357,8 @@ class LowRankLinear(nn.Linear):
             self._lowrank_refresh = False
             self._lowrank_refreshed = True
             self._lowrank_selected = True
+        for listener in self._lowrank_control.grad_listeners:
+            listener(self, carrier)
 
     @property
     def refresh_control(self) -> RefreshControl:

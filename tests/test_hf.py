@@ -253,7 +253,7 @@ def test_callback_refuses_another_optimizer(tmp_path):
     ({}, {"betas": (0.9, 0.95)}, "adam_beta1"),
     ({}, {"accumulate": 2}, "gradient_accumulation_steps"),
     ({"gradient_accumulation_steps": 2}, {"fused": True}, "fused=True"),
-    ({"fp16": True}, {}, "bf16"),
+    ({"fp16": True, "gradient_accumulation_steps": 1}, {"fused": True}, "fp16=True with fused=True"),
 ])
 def test_make_trainer_optimizers_rejects_what_cannot_work(tmp_path, args_kw, wrap_kw, pattern):
     model = llama()
@@ -405,3 +405,4 @@ def test_examples_run(tmp_path, monkeypatch, capsys, script, argv):
     runpy.run_path(path, run_name="__main__")
     out = capsys.readouterr().out
     assert ("reloaded into a plain" in out) if script == "hf_trainer.py" else ("weights equal True" in out)
+

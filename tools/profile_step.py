@@ -9,6 +9,8 @@ then profiles one ordinary step and prints the operators by self device time (CP
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,6 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"))
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--timed", type=int, default=5, help="ordinary steps timed before the profile (median)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     cuda = args.device == "cuda"
@@ -44,12 +47,30 @@ def main(argv=None) -> None:
             step()
         if getattr(opt, "refresh_control", None) is not None and opt.refresh_control.refresh:
             step()  # profile an ordinary step
+        times = []
+        for _ in range(args.timed):
+            if getattr(opt, "refresh_control", None) is not None and opt.refresh_control.refresh:
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        import lowrank_compile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             step()
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        print(f"\n### {name} ({args.model}, batch {args.batch[0]}x{args.batch[1]}, rank {args.rank})")
-        print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+        print(f"\n### {name} ({args.model}, batch {args.batch[0]}x{args.batch[1]}, rank {args.rank}; "
+              f"lowrank_compile from {lowrank_compile.__file__})")
+        if times:
+            print(f"ordinary step, median of {len(times)}: {statistics.median(times):.4f} s")
+        table = prof.key_averages()
+        print(table.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+        if cuda:  # launch-bound steps show up on the host side
+            print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
         del model, opt
         if cuda:
             torch.cuda.empty_cache()
