@@ -93,11 +93,17 @@ def guard_list(grads: list[Tensor], skips: Tensor | None, beta1: float, beta2: f
     an element is."""
     if skips is None:
         return [None] * len(grads)
-    oks = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
-    skips.add_((~oks).sum().to(skips.device))
+    # few launches (one projected layer per call when fused): one norm kernel, one count, one select of the factors
+    if len(grads) == 1:
+        norms = torch.linalg.vector_norm(grads[0], float("inf")).unsqueeze(0)
+    else:
+        norms = torch.stack(torch._foreach_norm(grads, float("inf")))
+    oks = torch.isfinite(norms)
+    bad = ~oks
+    skips.add_((bad.sum() if len(grads) > 1 else bad[0]).to(skips.device))
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    betas = [torch.where(oks, torch.full((), b, dtype=dtype, device=oks.device), 1.0) for b in (beta1, beta2)]
-    return list(zip(oks.unbind(), betas[0].unbind(), betas[1].unbind()))
+    factors = torch.where(oks.unsqueeze(1), torch.tensor([beta1, beta2], dtype=dtype, device=oks.device), 1.0)
+    return list(zip(oks.unbind(), factors[:, 0].unbind(), factors[:, 1].unbind()))
 
 
 class SkipCounter:
@@ -245,13 +251,14 @@ def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
         step.add_(1)
         u = moments_direction(g, m, v, step, beta1, beta2, eps, None, guards[i])
         wide = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+        decay = None if weight_decay == 0 else guarded_decay(1 - lr * weight_decay, guards[i], wide, p.device)
         if p.dtype in (torch.float32, torch.float64):
-            if weight_decay != 0:
-                p.mul_(guarded_decay(1 - lr * weight_decay, guards[i], wide, p.device))
+            if decay is not None:
+                p.mul_(decay)
             p.sub_(u.mul_(lr).to(p.dtype))
         else:  # decay and update in fp32, rounded once (stochastically for bf16 when keyed)
-            new = p.float().mul_(guarded_decay(1 - lr * weight_decay, guards[i], wide, p.device)).sub_(u.mul_(lr))
-            write_back_(p, new, None if rounding is None else _rounding(rounding[i], step), 0)
+            new = p.float() if decay is None else p.float().mul_(decay)
+            write_back_(p, new.sub_(u.mul_(lr)), None if rounding is None else _rounding(rounding[i], step), 0)
 
 
 def adamw_chunked_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr, weight_decay: float, beta1: float,
@@ -265,17 +272,18 @@ def adamw_chunked_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr,
     rounding = _rounding(rounding, step)
     guard = guard_list([g], skips, beta1, beta2, m)[0]  # the whole gradient, before the first chunk
     wide = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-    decay = guarded_decay(1 - lr * weight_decay, guard, wide, p.device)
+    decay = None if weight_decay == 0 else guarded_decay(1 - lr * weight_decay, guard, wide, p.device)
     row = p.numel() // max(1, p.shape[0]) if p.ndim else 1
     chunks = row_chunks((p, g, m, v), max_elems or UPDATE_CHUNK_ELEMS, block=max(quant.BLOCK_SIZE.values()))
     for start, (w, gc, mc, vc) in chunks:
         u = fn(gc, mc, vc, step, beta1, beta2, eps, None, guard)
         if w.dtype in (torch.float32, torch.float64):
-            if weight_decay != 0:
+            if decay is not None:
                 w.mul_(decay)
             w.add_(u.to(w.dtype), alpha=-lr)
         else:
-            write_back_(w, w.float().mul_(decay).sub_(u, alpha=lr), rounding, start * row)
+            new = w.float() if decay is None else w.float().mul_(decay)
+            write_back_(w, new.sub_(u, alpha=lr), rounding, start * row)
 
 
 def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: int) -> None:
