@@ -102,7 +102,9 @@ def guard_list(grads: list[Tensor], skips: Tensor | None, beta1: float, beta2: f
     bad = ~oks
     skips.add_((bad.sum() if len(grads) > 1 else bad[0]).to(skips.device))
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    factors = torch.where(oks.unsqueeze(1), torch.tensor([beta1, beta2], dtype=dtype, device=oks.device), 1.0)
+    betas = torch.full((2,), beta2, dtype=dtype, device=oks.device)  # filled on the device: torch.tensor([...])
+    betas[0].fill_(beta1)  # would copy from the host, which synchronises (measured on CUDA)
+    factors = torch.where(oks.unsqueeze(1), betas, 1.0)
     return list(zip(oks.unbind(), factors[:, 0].unbind(), factors[:, 1].unbind()))
 
 
