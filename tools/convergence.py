@@ -62,6 +62,13 @@ LM_CONFIGS = {
     "svd gap 10 keep": dict(optimizer="lowrank", basis="svd", update_gap=10, state_policy="keep",
                             lrs=(4e-3, 8e-3, 1.6e-2)),
     "random gap 10 match": dict(optimizer="lowrank", basis="random", update_gap=10, state_policy="match", lrs=NARROW),
+    # issue 16 item 6: cheaper refresh schedules against the defaults (exact every step), each on the full grid
+    "dct gap 1 match, sketch 32": dict(optimizer="lowrank", update_gap=1, state_policy="match", sketch_rows=32),
+    "dct gap 1 match, sketch 128": dict(optimizer="lowrank", update_gap=1, state_policy="match", sketch_rows=128),
+    "dct gap 2 match": dict(optimizer="lowrank", update_gap=2, state_policy="match"),
+    "dct gap 4 match": dict(optimizer="lowrank", update_gap=4, state_policy="match"),
+    "dct gap 4 match, stagger": dict(optimizer="lowrank", update_gap=4, state_policy="match", stagger=True),
+    "dct gap 8 match, stagger": dict(optimizer="lowrank", update_gap=8, state_policy="match", stagger=True),
     "dct gap 1 match, rank hidden/8": dict(optimizer="lowrank", update_gap=1, state_policy="match", rank=16,
                                            lrs=NARROW),
     "dct gap 1 match, rank hidden/2": dict(optimizer="lowrank", update_gap=1, state_policy="match", rank=64,
