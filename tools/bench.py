@@ -9,7 +9,8 @@
 Models: random-init transformers LlamaForCausalLM in the shapes of the GaLore configurations (hidden /
 intermediate / layers / heads, vocab 32000): 60M 512/1376/8/8, 130M 768/2048/12/12, 350M 1024/2736/24/16,
 1B 2048/5461/24/32, 7B 4096/11008/32/32; and "ref78m", 1024/2736/6/16 with vocab 1000 (78M parameters), the
-model behind the reference numbers of issue 6; "tiny", 128/344/2/4 with vocab 1000, for smoke tests
+model behind the reference numbers; "demo192", 192/512/3/4 with the byte vocabulary (256), the small LLaMA of the
+CPU speed target (issue 16); "tiny", 128/344/2/4 with vocab 1000, for smoke tests
 (tools/gpu_suite.sh --quick). Optimizers (see CONFIGS): the floor (forward + activation
 backward, every weight frozen: no weight gradient, no optimizer), torch AdamW (foreach; fused), torchao
 AdamW8bit, the GaLore peer (galore-torch, SVD, rank --rank, update_proj_gap 200, scale 0.25; an optional
@@ -59,15 +60,15 @@ except ModuleNotFoundError as e:
                                                     _measure.state_bytes, _measure.timed)
 
 # name: (hidden, intermediate, layers, heads, vocab)
-MODELS = {"tiny": (128, 344, 2, 4, 1000), "ref78m": (1024, 2736, 6, 16, 1000), "60M": (512, 1376, 8, 8, 32000),
+MODELS = {"tiny": (128, 344, 2, 4, 1000), "demo192": (192, 512, 3, 4, 256), "ref78m": (1024, 2736, 6, 16, 1000), "60M": (512, 1376, 8, 8, 32000),
           "130M": (768, 2048, 12, 12, 32000), "350M": (1024, 2736, 24, 16, 32000), "1B": (2048, 5461, 24, 32, 32000),
           "7B": (4096, 11008, 32, 32, 32000)}
 
 
 def lowrank(gap: int, dtype: str = "fp32", fused: bool = False, sketch: int = 0, compiled: bool = False,
-            head: bool = False, stochastic: bool = True, compile_step: bool | None = None) -> dict:
+            head: bool = False, stochastic: bool = True, compile_step: bool | None = None, stagger: bool = False) -> dict:
     return dict(kind="lowrank", update_gap=gap, state_dtype=dtype, fused=fused, sketch_rows=sketch, compiled=compiled,
-                project_head=head, stochastic_round=stochastic, compile_step=compile_step)
+                project_head=head, stochastic_round=stochastic, compile_step=compile_step, stagger=stagger)
 
 
 CONFIGS = {
@@ -88,6 +89,9 @@ CONFIGS = {
     "lowrank gap 1 fp32": lowrank(1),
     "lowrank gap 1 int8 fused": lowrank(1, "int8", True),
     "lowrank gap 1 sketch64 fp32": lowrank(1, "fp32", False, 64),
+    "lowrank gap 1 sketch32 fp32": lowrank(1, "fp32", False, 32),
+    "lowrank gap 4 stagger fp32": lowrank(4, stagger=True),
+    "lowrank gap 8 stagger fp32": lowrank(8, stagger=True),
     "lowrank gap 1 sketch64 fp32 fused": lowrank(1, "fp32", True, 64),
     "lowrank gap 1 sketch64 int8 fused": lowrank(1, "int8", True, 64),
     "lowrank gap 50 int8 fused, compile_step": lowrank(50, "int8", True, compile_step=True),
@@ -151,7 +155,8 @@ def make_optimizer(model, spec: dict):
                              state_dtype=spec["state_dtype"], fused=spec["fused"], sketch_rows=spec["sketch_rows"],
                              filter_fn=lambda m, fqn: head or "lm_head" not in fqn,
                              stochastic_round=spec.get("stochastic_round", True),
-                             **({"compile_step": spec["compile_step"]} if spec.get("compile_step") is not None else {}))
+                             **({"compile_step": spec["compile_step"]} if spec.get("compile_step") is not None else {}),
+                             **({"stagger": True} if spec.get("stagger") else {}))
         if not hasattr(opt, "refresh_control"):  # a tree from before the public name (gpu_suite.sh's main side)
             opt.refresh_control = opt._control
         if spec.get("compiled"):
@@ -200,8 +205,11 @@ def batch_ids(spec: dict) -> torch.Tensor:
 
 
 def refresh_gap(spec: dict) -> int:
-    """lowrank_compile's update_gap for a lowrank configuration, 0 for the others (nothing refreshes)."""
-    return spec.get("update_gap", 0) if spec["kind"] == "lowrank" else 0
+    """lowrank_compile's update_gap for a lowrank configuration, 0 for the others (nothing refreshes). A staggered
+    schedule counts as 1: some layer refreshes at every step, so consecutive steps are timed as they come."""
+    if spec["kind"] != "lowrank":
+        return 0
+    return 1 if spec.get("stagger") else spec.get("update_gap", 0)
 
 
 def step_times(ordinary: list[float], refresh: list[float], gap: int) -> dict:
