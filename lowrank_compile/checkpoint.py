@@ -83,8 +83,15 @@ def save_optimizer(opt, path: str | os.PathLike) -> None:
 
 
 def _require_optimizer(opt, caller: str) -> None:
-    """TypeError unless `opt` is a LowRankAdamW, saying what it is and what to pass instead."""
+    """TypeError unless `opt` is a LowRankAdamW, saying what it is and what to pass instead; RuntimeError for one
+    whose states are sharded (FSDP2), which one process's file cannot hold."""
     if isinstance(opt, LowRankAdamW):
+        if any(hasattr(p, "device_mesh") for g in opt.param_groups for p in g["params"]):
+            raise RuntimeError(
+                f"{caller}: this optimizer's model is sharded by FSDP2, so each process holds only its shards of "
+                "the states; one safetensors file of one process cannot hold them. Save and load sharded "
+                "checkpoints with torch.distributed.checkpoint: get_state_dict(model, opt) + dcp.save, and dcp.load "
+                "+ set_state_dict (docs/DISTRIBUTED.md, 'Checkpoints'); a DCP checkpoint also loads into one process")
         return
     cls = type(opt)
     got = f"{cls.__module__}.{cls.__qualname__}"

@@ -31,6 +31,7 @@ import logging
 
 import torch.distributed as dist
 
+from .dcp import prepare_layer_for_dcp
 from .ddp import CommCounter, counting_allreduce_hook, prepare_ddp, refuse_unreduced_updates
 from .fsdp import prepare_fsdp, shard_placement
 from .refresh_sync import DEFAULT_REFRESH_SYNC, REFRESH_SYNC_MODES, RefreshReducer, sync_refreshes
@@ -47,12 +48,15 @@ def is_multiprocess(group: dist.ProcessGroup | None = None) -> bool:
 
 
 def attach(opt, refresh_sync: str = "auto") -> None:
-    """Called by wrap_model: set up a freshly made optimizer for the process group it runs in, if any.
+    """Called by wrap_model: set up a freshly made optimizer for the process group it runs in, if any, and for
+    torch.distributed.checkpoint (see dcp.py).
 
     "auto": when torch.distributed is initialised with more than one process, install the default
     reducer. Any mode but "local" in a multi-process job also replaces the in-backward updates of a fused
     optimizer by a guard that raises until :func:`prepare_ddp` takes them over.
     """
+    for layer in opt.refresh_control.layers:
+        prepare_layer_for_dcp(layer)
     mode = DEFAULT_REFRESH_SYNC if refresh_sync == "auto" else refresh_sync
     multi = is_multiprocess()
     if refresh_sync != "auto" or multi:

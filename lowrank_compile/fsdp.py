@@ -2,8 +2,8 @@
 
 Every update stays local to a shard: right-projected layers shard rows, left-projected ones columns
 (:func:`shard_placement`). After sharding, the optimizer's parameters are pointed at the local shards
-before each updating step and the reduce-scattered gradients moved onto the tensors it reads
-(:class:`_FsdpGrads`); the refresh bookkeeping hook is put on FSDP's unsharded carrier, which is what
+before each updating step and the reduce-scattered gradients moved onto the tensors it reads, and back at
+FSDP's sharded parameters after it, as torch.distributed.checkpoint expects (:class:`_FsdpGrads`); the refresh bookkeeping hook is put on FSDP's unsharded carrier, which is what
 autograd sees. fused=True is refused: FSDP2 reduce-scatters after each unit's backward, outside the
 in-backward hooks.
 """
@@ -98,9 +98,13 @@ class _FsdpGrads:
                 slot.layer.__dict__[CARRIER] = standin  # shadows the registered (sharded) carrier for the step
 
     def after_step(self, opt, args, kwargs) -> None:
+        """Between steps the optimizer holds FSDP's sharded parameters (DTensors) again, as torch's
+        get_state_dict / set_state_dict expect (they name states by the model's parameters); its states stay
+        those of the local shards (dcp.py returns them as DTensors from state_dict())."""
         for slot in self.slots:
             if slot.layer is not None:
                 slot.layer.__dict__.pop(CARRIER, None)
+            self.opt.rebind_param(slot.group["params"][slot.index], slot.module._parameters[slot.name])
 
 
 def _slots(model: nn.Module, opt) -> list[_FsdpSlot]:
@@ -118,6 +122,19 @@ def _slots(model: nn.Module, opt) -> list[_FsdpSlot]:
     return slots
 
 
+def _refresh_group(mesh):
+    """The process group whose processes must agree on refreshes: every process of the mesh. A 2-D (HSDP) mesh,
+    replicate x shard, trains one model on all of its processes, so they all agree, not only a shard group."""
+    if mesh is None:
+        return None
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    import torch.distributed as dist
+    if mesh.size() == dist.get_world_size():
+        return None  # WORLD
+    return dist.new_group(sorted(mesh.mesh.flatten().tolist()))  # every process calls prepare_fsdp
+
+
 def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), mesh=None,
                  refresh_sync: str | None = None, **fully_shard_kwargs) -> nn.Module:
     """Shard a wrapped model with FSDP2's ``fully_shard`` and point its optimizer at the local shards.
@@ -127,7 +144,8 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
         opt: the optimizer wrap_model returned, before its first step. fused=True is refused.
         units: submodules to shard as their own FSDP units first (e.g. the transformer blocks); the root is
             sharded last, as fully_shard requires.
-        mesh: the DeviceMesh (default: fully_shard's, all processes).
+        mesh: the DeviceMesh (default: fully_shard's, all processes); a 2-D mesh (replicate, shard) is HSDP:
+            the processes of the whole mesh agree on refreshes.
         refresh_sync: as in :func:`prepare_ddp` (None keeps wrap_model's reducer, or installs "exact").
         fully_shard_kwargs: passed to every fully_shard call (reshard_after_forward, mp_policy, ...).
             shard_placement_fn is set to :func:`shard_placement` (rows or columns, so updates stay local).
@@ -152,7 +170,7 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
                            "full-size); call it right after wrap_model")
     if "shard_placement_fn" in fully_shard_kwargs:
         raise ValueError("prepare_fsdp sets shard_placement_fn itself (lowrank_compile.distributed.shard_placement)")
-    control = join_group(opt, refresh_sync, mesh.get_group() if mesh is not None else None)
+    control = join_group(opt, refresh_sync, _refresh_group(mesh))
     slots = _slots(model, opt)
 
     kwargs = dict(fully_shard_kwargs, shard_placement_fn=shard_placement(model))
@@ -165,6 +183,7 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
     for layer in control.layers:
         layer.register_forward_pre_hook(_hook_unsharded_carrier)
     grads = _FsdpGrads(opt, slots)
+    grads.after_step(opt, (), {})  # the optimizer holds the sharded parameters from now on
     opt.register_step_pre_hook(grads.before_step)
     opt.register_step_post_hook(grads.after_step)
     return model

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from . import amp, quant
+from . import amp, dcp, quant
 from .config import LowRankConfig
 from .projection import LowRankLinear, RefreshControl
 from .state_check import check_state_dict
@@ -158,7 +158,6 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _skips_on(self, device: torch.device) -> Tensor | None:
         return None if self._scaler_owns_infs else self._skips.on(device)
 
-
     @torch.no_grad()
     def update_now(self, params: Iterable[Tensor]) -> None:
         """Update these parameters from their present gradients, now (e.g. from a DDP communication hook once
@@ -277,6 +276,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         backward / step / zero_grad per micro-batch needs no change. With ``fused=True`` the updates already
         ran inside backward and step only advances the counter.
         """
+        if self._init_states_for_dcp():
+            return None
         scaler = amp.scaler_inputs(self)  # torch.amp.GradScaler.step is calling: see amp.py
         if scaler is not None and self.fused:
             raise RuntimeError(amp.FUSED_ERROR)
@@ -532,12 +533,25 @@ class LowRankAdamW(torch.optim.Optimizer):
                                          compiled_update)
 
     # -- state_dict --------------------------------------------------------------------------------
+    def _init_states_for_dcp(self) -> bool:
+        """Whether this step() is torch.distributed.checkpoint's state initialisation (an lr-0 step on a fresh
+        optimizer, dcp.is_state_init_step); if so, create every parameter's states (zero moments, step 0, the
+        layer's current selection) and nothing else: no update, and neither the step counter nor the micro-batch
+        count moves, so the refresh schedule and the sketches continue as if the call never happened."""
+        if not dcp.is_state_init_step(self):
+            return False
+        for group in self.param_groups:
+            if group.get("carriers"):
+                continue
+            for p in group["params"]:
+                self._prepare_state(p, group, torch.empty(dcp.local_state_shape(self, p), device="meta"))
+        return True
+
     def state_dict(self) -> dict:
         self._skips.total()  # logs a warning if the count grew (a save synchronises anyway)
         with self._carriers_hidden():
             sd = super().state_dict()
-        sd["global_step"] = self._control.step
-        return sd
+        return dcp.export_state_dict(self, sd)  # the global step, also in every group for torch's DCP (dcp.py)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load what :meth:`state_dict` returned, after checking all of it against this optimizer: the same
@@ -548,6 +562,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             raise RuntimeError("load_state_dict was called between the micro-batches of an accumulated step; load "
                                "before the first micro-batch or after the step() that applies the update")
         self._hide_carriers()
+        state_dict = dcp.import_state_dict(self, state_dict)  # what torch's DCP functions leave out (dcp.py)
         check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
         global_step = state_dict.pop("global_step")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import quant
+from .dcp import local_state_shape
 
 __all__ = ["check_state_dict", "is_step_count", "valid_indices", "hyper_problem"]
 
@@ -71,7 +72,7 @@ def check_state_dict(opt, sd) -> None:
 
 def _check_param_state(opt, state: dict, p: Tensor, group: dict, where: str) -> None:
     layer = opt.layers.get(p) if group["lowrank"] else None
-    shape = tuple(layer.lowrank_grad.shape) if layer is not None else tuple(p.shape)
+    shape = local_state_shape(opt, p)  # this process's: under FSDP2 a local shard's
     kind = "fp64" if group["state_dtype"] == "fp32" and p.dtype == torch.float64 else \
         quant.storage_kind(shape, group["state_dtype"])
     step = state.get("step")

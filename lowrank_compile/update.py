@@ -94,7 +94,10 @@ def guard_list(grads: list[Tensor], skips: Tensor | None, beta1: float, beta2: f
     if skips is None:
         return [None] * len(grads)
     # few launches (one projected layer per call when fused): one norm kernel, one count, one select of the factors
-    if len(grads) == 1:
+    if any(g.numel() == 0 for g in grads):  # an empty shard (FSDP2 with more processes than rows): finite
+        norms = torch.stack([torch.linalg.vector_norm(g.float(), float("inf")) if g.numel() else
+                             torch.zeros((), device=g.device) for g in grads])
+    elif len(grads) == 1:
         norms = torch.linalg.vector_norm(grads[0], float("inf")).unsqueeze(0)
     else:
         norms = torch.stack(torch._foreach_norm(grads, float("inf")))

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 7): DDP and FSDP2 on 2 CPU processes with gloo, against one process.
+"""Data-parallel training: DDP and FSDP2 on 2 CPU processes with gloo, against one process.
 
 One spawn of 2 processes runs every multi-process scenario (importing torch and torchao dominates the cost);
 each scenario returns plain tensors, and the tests below compare them across ranks and with a

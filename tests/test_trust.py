@@ -116,6 +116,8 @@ def _corrupt(sd, how):
         sd["global_step"] = -3
     elif how == "no global_step":
         del sd["global_step"]
+        for g in sd["param_groups"]:  # it also rides in every group, for torch.distributed.checkpoint (dcp.py)
+            del g["global_step"]
     else:
         raise AssertionError(how)
     return sd
