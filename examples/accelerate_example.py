@@ -45,7 +45,7 @@ def main() -> None:
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=cli.accumulate)
     model = make_model()
-    opt = lowrank_compile.wrap_model(model, rank=32, lr=3e-3, weight_decay=0.01, update_gap=10)
+    opt = lowrank_compile.wrap_model(model, rank=32, lr=3e-3, weight_decay=0.01, update_gap=10, verbose=True)
     scheduler = get_cosine_schedule_with_warmup(opt, max(1, cli.steps // 10), num_training_steps=cli.steps)
     model, opt, scheduler = accelerator.prepare(model, opt, scheduler)
 

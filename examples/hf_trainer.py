@@ -7,10 +7,10 @@
 
 The model is a random-init 2-block LLaMA (or GPT-2) with a byte-level vocabulary; the text is the English
 corpus bundled with the package (lowrank_compile.data), read byte by byte, so nothing is downloaded. The
-optimizer and its cosine schedule come from the TrainingArguments (make_trainer_optimizers); the callback
-writes the optimizer as optimizer.safetensors into every checkpoint and restores it when Trainer resumes,
-and the final model is saved with Trainer.save_model: standard weights under the usual keys, which load
-into a plain model with from_pretrained.
+Trainer comes from one call, lowrank_trainer: the optimizer and its cosine schedule come from the
+TrainingArguments, and its checkpoint callback writes the optimizer as optimizer.safetensors into every
+checkpoint and restores it when Trainer resumes. The final model is saved with Trainer.save_model: standard
+weights under the usual keys, which load into a plain model with from_pretrained.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 from transformers.utils import logging as hf_logging
 
 from lowrank_compile import data
-from lowrank_compile.hf import LowRankCheckpointCallback, make_trainer_optimizers
+from lowrank_compile.hf import lowrank_trainer
 
 SEQ = 64
 
@@ -91,11 +91,10 @@ def main() -> None:
         learning_rate=3e-3, weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=5, max_grad_norm=1.0,
         logging_steps=10, save_steps=30, per_device_eval_batch_size=32, report_to="none", use_cpu=True,
         disable_tqdm=True, seed=0)
-    # The model is wrapped in place; the optimizer gets lr, betas, eps and weight decay from args.
-    optimizers = make_trainer_optimizers(model, args, rank=cli.rank, update_gap=10)
-    callbacks = [LowRankCheckpointCallback()] + ([StopAt(cli.stop_at)] if cli.stop_at else [])
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out, optimizers=optimizers,
-                      callbacks=callbacks)
+    # The model is wrapped in place; the optimizer gets lr, betas, eps and weight decay from args, and
+    # verbose=True prints what was projected (lowrank_compile.summary).
+    trainer = lowrank_trainer(model, args, train_dataset=train, eval_dataset=held_out, rank=cli.rank, update_gap=10,
+                              verbose=True, callbacks=[StopAt(cli.stop_at)] if cli.stop_at else None)
 
     start = time.perf_counter()
     if cli.resume:  # Trainer loads weights, optimizer (optimizer.safetensors via the callback), schedule and RNG

@@ -3,7 +3,7 @@
     python examples/quickstart.py            # about half a minute on 2 CPU cores
     python examples/quickstart.py --steps 40 # shorter
 
-The model (2 decoder blocks, width 128, byte-level vocabulary) is defined below and starts from a fixed
+The model (2 decoder blocks, width 256, byte-level vocabulary) is defined below and starts from a fixed
 random init; the training text is this file's own source, read byte by byte, so nothing is downloaded.
 Both optimizers see the same init, the same batches and the same learning rate. The table at the end
 gives each one's final loss, the peak tensor memory of backward + step (every live tensor: weights,
@@ -171,9 +171,7 @@ def main() -> None:
     log_every = max(1, args.steps // 8)
 
     model = copy.deepcopy(base)
-    opt = lrc.wrap_model(model, rank=args.rank, lr=args.lr)  # rewrites the nn.Linear layers in place
-    print(f"lowrank_compile.wrap_model(rank={args.rank}): "
-          f"{sum(isinstance(m, lrc.LowRankLinear) for m in model.modules())} Linear layers project their gradients")
+    opt = lrc.wrap_model(model, rank=args.rank, lr=args.lr, verbose=True)  # rewrites the nn.Linear layers in place
     ours = train("lowrank_compile", model, opt, data, log_every)
 
     model = copy.deepcopy(base)

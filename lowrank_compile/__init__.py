@@ -2,7 +2,8 @@
 
 ``opt = lowrank_compile.wrap_model(model, rank=128, lr=1e-3)`` rewrites every eligible nn.Linear so its
 backward emits the weight gradient already projected onto r columns of a fixed DCT basis, and returns an
-optimizer that keeps Adam's states in that rank-r space.
+optimizer that keeps Adam's states in that rank-r space; ``print(lowrank_compile.summary(opt))`` says what
+was projected and at what cost. ``python -m lowrank_compile.demo`` shows it against torch AdamW.
 """
 from . import _torchao  # noqa: F401  (first: torchao's import, quietly; registers its state subclasses as safe globals)
 from .checkpoint import CheckpointError, load_optimizer, save_optimizer
@@ -11,8 +12,9 @@ from . import distributed  # lowrank_compile.distributed: prepare_ddp, prepare_f
 from .config import LowRankConfig
 from .optimizer import LowRankAdamW
 from .projection import LowRankLinear
+from .summary import summary
 from .wrap import is_wrapped, unwrap_model, wrap_model
 
 __all__ = ["wrap_model", "unwrap_model", "is_wrapped", "LowRankAdamW", "LowRankConfig", "LowRankLinear",
-           "save_optimizer", "load_optimizer", "CheckpointError", "compile_blocks"]
-__version__ = "0.1.0"
+           "save_optimizer", "load_optimizer", "CheckpointError", "compile_blocks", "summary", "__version__"]
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)

@@ -1,13 +1,24 @@
 """Hugging Face integration: train a wrapped model with ``transformers.Trainer``, checkpoint it as safetensors.
 
-Two pieces, each usable alone:
+One call builds the Trainer (as ``optim="galore_adamw"`` does for GaLore):
+
+- :func:`lowrank_trainer` wraps the model and returns a ``transformers.Trainer`` with the optimizer, its LR
+  schedule and the checkpoint callback in place.
+
+It is made of two pieces, each usable alone:
 
 - :func:`make_trainer_optimizers` wraps the model and builds the optimizer (and its LR schedule) from a
   ``TrainingArguments``, for ``Trainer(optimizers=...)``.
 - :class:`LowRankCheckpointCallback` writes the optimizer as ``optimizer.safetensors``
   (:func:`lowrank_compile.save_optimizer`) into every Trainer checkpoint and loads it back on resume.
 
-Example (examples/hf_trainer.py runs this on CPU)::
+Example::
+
+    from lowrank_compile.hf import lowrank_trainer
+    trainer = lowrank_trainer(model, args, train_dataset=train, rank=32)   # model wrapped in place
+    trainer.train()
+
+The same with the pieces (examples/hf_trainer.py runs this on CPU)::
 
     from lowrank_compile.hf import LowRankCheckpointCallback, make_trainer_optimizers
     args = TrainingArguments(output_dir="out/tiny", max_steps=60, learning_rate=3e-3,
@@ -22,18 +33,21 @@ Transformers' Conv1D layers (GPT-2 family) are projected by wrap_model like nn.L
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import os
 
 from torch import nn
-from transformers import TrainerCallback, TrainingArguments, get_scheduler
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoint import load_optimizer, save_optimizer
 from .optimizer import LowRankAdamW
 from .wrap import wrap_model
 
-__all__ = ["make_trainer_optimizers", "LowRankCheckpointCallback", "lowrank_optimizer", "OPTIMIZER_FILE"]
+__all__ = ["lowrank_trainer", "make_trainer_optimizers", "LowRankCheckpointCallback", "lowrank_optimizer",
+           "OPTIMIZER_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +56,59 @@ OPTIMIZER_FILE = "optimizer.safetensors"  # written next to Trainer's optimizer.
 # wrap_model arguments that a Trainer run takes from its TrainingArguments
 _FROM_ARGS = {"lr": "learning_rate", "betas": "adam_beta1 and adam_beta2", "eps": "adam_epsilon",
               "weight_decay": "weight_decay"}
+
+# What TrainingArguments.optim holds when the user left it alone: transformers' torch AdamW (its default is
+# "adamw_torch_fused" with torch >= 2.8, "adamw_torch" before). Any other value asks for another optimizer.
+_DEFAULT_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+
+
+def lowrank_trainer(model: nn.Module, args: TrainingArguments, *, trainer_class: type = Trainer,
+                    num_training_steps: int | None = None, **kwargs) -> Trainer:
+    """A ``transformers.Trainer`` that trains `model` with lowrank_compile: one call, as ``optim=`` is for GaLore.
+
+    Wraps `model` in place (:func:`make_trainer_optimizers`) and returns ``trainer_class(model=model,
+    args=args, optimizers=(opt, scheduler), callbacks=[LowRankCheckpointCallback(), ...], ...)``.
+
+    Args:
+        model, args: as for Trainer; lr, betas, eps and weight decay come from `args`.
+        trainer_class: a Trainer subclass to build (default ``transformers.Trainer``).
+        num_training_steps: see :func:`make_trainer_optimizers`.
+        **kwargs: options of :func:`lowrank_compile.wrap_model` (rank, update_gap, state_dtype, ...) and keyword
+            arguments of the Trainer (train_dataset, eval_dataset, data_collator, callbacks, ...), told apart
+            by wrap_model's signature. ``optimizers`` is refused: this function makes them.
+
+    Example::
+
+        args = TrainingArguments(output_dir="out/tiny", max_steps=60, learning_rate=3e-3)
+        trainer = lowrank_trainer(model, args, train_dataset=train, rank=32)
+        trainer.train()                           # later: trainer.train(resume_from_checkpoint=True)
+    """
+    for name in ("optimizers", "optimizer_cls_and_kwargs"):
+        if name in kwargs:
+            raise ValueError(f"{name}= is what lowrank_trainer builds; pass wrap_model options (rank=...) instead, "
+                             "or call make_trainer_optimizers and build the Trainer yourself")
+    wrap_names = set(inspect.signature(wrap_model).parameters) - {"model"}
+    wrap_kwargs = {k: v for k, v in kwargs.items() if k in wrap_names}
+    trainer_kwargs = {k: v for k, v in kwargs.items() if k not in wrap_names}
+    optimizers = make_trainer_optimizers(model, args, num_training_steps, **wrap_kwargs)
+    callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+    if not any(isinstance(c, LowRankCheckpointCallback) or c is LowRankCheckpointCallback for c in callbacks):
+        callbacks.insert(0, LowRankCheckpointCallback())
+    return trainer_class(model=model, args=args, optimizers=optimizers, callbacks=callbacks, **trainer_kwargs)
+
+
+def check_optim(args: TrainingArguments) -> None:
+    """Refuse a TrainingArguments whose ``optim`` asks for an optimizer other than transformers' default AdamW.
+
+    lowrank_compile replaces Trainer's optimizer; ``optim`` is always set (to the default when left alone), so
+    only the default is accepted, silently, instead of ignoring a choice the user made.
+    """
+    optim = getattr(args.optim, "value", args.optim)
+    default = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}.get("optim")
+    if optim in _DEFAULT_OPTIMS or optim == getattr(default, "value", default):
+        return
+    raise ValueError(f"TrainingArguments(optim={optim!r}) asks Trainer for another optimizer, but lowrank_compile "
+                     "supplies the optimizer itself; leave optim at its default, or train without lowrank_compile")
 
 
 def make_trainer_optimizers(model: nn.Module, args: TrainingArguments, num_training_steps: int | None = None,
@@ -73,7 +140,8 @@ def make_trainer_optimizers(model: nn.Module, args: TrainingArguments, num_train
     gradients together with the plain ones. ``fused=True`` works with ``gradient_accumulation_steps=1``
     only, and its updates run inside backward, before Trainer clips (use wrap_model's clip_per_tensor).
     fp16 mixed precision works as with torch AdamW (its GradScaler unscales and checks the rank-r gradients too,
-    see lowrank_compile.amp), except with ``fused=True``, which is refused.
+    see lowrank_compile.amp), except with ``fused=True``, which is refused. ``args.optim`` must stay at its
+    default (:func:`check_optim`): this optimizer replaces Trainer's.
 
     Example::
 
@@ -81,6 +149,7 @@ def make_trainer_optimizers(model: nn.Module, args: TrainingArguments, num_train
         trainer = Trainer(model=model, args=args, train_dataset=train,
                           optimizers=make_trainer_optimizers(model, args, rank=16))
     """
+    check_optim(args)
     for key, field in _FROM_ARGS.items():
         if key in wrap_kwargs:
             raise ValueError(f"{key} comes from TrainingArguments ({field}) when training with Trainer; set it "

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import distributed, quant
+from .summary import compiles_updates, record as _record_summary, summary
 from .config import LowRankConfig, resolve_rank
 from .optimizer import LowRankAdamW
 from .projection import LayerSpec, LowRankLinear, RefreshControl
@@ -52,6 +53,7 @@ def wrap_model(
     refresh_sync: str = _D.refresh_sync,
     stagger: bool = _D.stagger,
     score_dtype: torch.dtype | None = _D.score_dtype,
+    verbose: bool = False,
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
 
@@ -120,6 +122,8 @@ def wrap_model(
             each layer's compute dtype (its gradients' dtype); torch.float32 ranks as the reference does;
             torch.bfloat16 runs them on a GPU's tensor cores. The rank-r gradient itself is always formed in the
             compute dtype.
+        verbose: print :func:`lowrank_compile.summary` of the result (on rank 0 only when torch.distributed
+            is initialised). It is logged at INFO either way.
 
     Returns:
         a :class:`LowRankAdamW` that owns every trainable parameter of the model.
@@ -135,7 +139,7 @@ def wrap_model(
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` clips them together with the plain
     gradients (the norm is that of the projected gradients, which is at most the full gradient's).
     """
-    options = {k: v for k, v in locals().items() if k != "model"}
+    options = {k: v for k, v in locals().items() if k not in ("model", "verbose")}
     config = LowRankConfig(**options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap_model expects an nn.Module, got {type(model).__name__}")
@@ -153,7 +157,7 @@ def wrap_model(
     except BaseException:
         _undo(control)
         raise
-    _log_summary(plan, [p for g in opt.param_groups if not g["lowrank"] for p in g["params"]])
+    _report(opt, model, verbose)
     return opt
 
 
@@ -197,14 +201,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Turn every LowRankLinear of a wrapped model back into a plain nn.Linear (trained values, same keys).
 
     Returns the model. The optimizer made by wrap_model refuses further steps afterwards, and its
-    in-backward updates (fused=True) are removed.
+    in-backward updates (fused=True) are removed. A model sharded by prepare_fsdp raises RuntimeError (load its
+    DCP checkpoint into a plain model instead).
     """
+    from . import dcp
+
+    if any(isinstance(m, LowRankLinear) and hasattr(m.weight, "device_mesh") for m in model.modules()):
+        raise RuntimeError(
+            "unwrap_model after prepare_fsdp: FSDP2 now owns the layers' parameters (the rank-r carriers included), "
+            "so they cannot be taken out of it. To get a plain model, save a checkpoint with "
+            "torch.distributed.checkpoint and load its model part into an unwrapped, unsharded model: "
+            "sd = get_model_state_dict(plain); dcp.load({'model': sd}, checkpoint_id=path); plain.load_state_dict(sd) "
+            "(docs/DISTRIBUTED.md, 'Checkpoints')")
     for module in list(model.modules()):
         if isinstance(module, LowRankLinear):
             control = module.refresh_control
             for handle in control.hooks:
                 handle.remove()
             control.hooks.clear()
+            dcp.release_layer(module)
             module.unwrap()
     return model
 
@@ -283,12 +298,21 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def _log_summary(plan, plain: list[torch.Tensor]) -> None:
-    projected_params = sum(m.weight.numel() for _, m, _ in plan)
-    lowrank_state = sum(2 * m.lowrank_grad.numel() for _, m, _ in plan)
-    plain_params = sum(p.numel() for p in plain)
-    full_state = 2 * (projected_params + plain_params)
-    logger.info("lowrank_compile: projected %d Linear layers (%.2fM params) at ranks %s; %.2fM params on plain "
-                "AdamW; Adam state %.2fM elements vs %.2fM for AdamW (%.1f%%)", len(plan), projected_params / 1e6,
-                sorted({s.rank for _, _, s in plan}), plain_params / 1e6, (lowrank_state + 2 * plain_params) / 1e6,
-                full_state / 1e6, 100.0 * (lowrank_state + 2 * plain_params) / max(full_state, 1))
+def _report(opt: LowRankAdamW, model: nn.Module, verbose: bool) -> None:
+    """Log the summary at INFO (print it too if verbose, on rank 0), and say once that a long compile is coming."""
+    global _compile_noted
+    _record_summary(opt, model)
+    show = verbose and (not torch.distributed.is_available() or not torch.distributed.is_initialized()
+                        or torch.distributed.get_rank() == 0)
+    if show or logger.isEnabledFor(logging.INFO):
+        text = summary(opt)
+        logger.info("%s", text)
+        if show:
+            print(text, flush=True)
+    if not _compile_noted and compiles_updates(opt):
+        _compile_noted = True
+        logger.info("lowrank_compile: compiling the optimizer's state updates at the first step, about 30 s the "
+                    "first time")
+
+
+_compile_noted = False  # the first-compile notice is given once per process

@@ -5,7 +5,7 @@ Every tensor allocated while the tracker is active is seen by a TorchDispatchMod
 storage is not one of its inputs' storages is a new allocation (views and in-place results are not). Its
 storage's bytes count as live until the storage is freed (a weakref callback on the storage), which gives
 the live and peak bytes of all tensors on CPU, where torch keeps no allocator statistics. Eager only: a
-dispatch mode makes dynamo skip frames (see COMPILE_NOTES.md).
+dispatch mode makes dynamo skip frames.
 """
 from __future__ import annotations
 
