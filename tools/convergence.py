@@ -79,6 +79,8 @@ MINILM_CONFIGS = {
     "full AdamW": dict(optimizer="adamw"),
     "lowrank_compile dct gap 1 match": dict(optimizer="lowrank", update_gap=1, state_policy="match"),
     "lowrank_compile dct gap 10 match": dict(optimizer="lowrank", update_gap=10, state_policy="match"),
+    "lowrank_compile dct gap 1 match, sketch 32": dict(optimizer="lowrank", update_gap=1, state_policy="match",
+                                                       sketch_rows=32),
     # scale > 1: the projected layers take the larger step they need, the rest (embeddings, norms, biases, the
     # new head) keep AdamW's learning rate
     "lowrank_compile dct gap 1 match, scale 2": dict(optimizer="lowrank", update_gap=1, state_policy="match",
