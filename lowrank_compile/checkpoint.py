@@ -86,7 +86,7 @@ def _require_optimizer(opt, caller: str) -> None:
     """TypeError unless `opt` is a LowRankAdamW, saying what it is and what to pass instead; RuntimeError for one
     whose states are sharded (FSDP2), which one process's file cannot hold."""
     if isinstance(opt, LowRankAdamW):
-        if any(hasattr(p, "device_mesh") for g in opt.param_groups for p in g["params"]):
+        if any(hasattr(p, "device_mesh") for g in opt.trained_groups for p in g["params"]):
             raise RuntimeError(
                 f"{caller}: this optimizer's model is sharded by FSDP2, so each process holds only its shards of "
                 "the states; one safetensors file of one process cannot hold them. Save and load sharded "
@@ -124,7 +124,7 @@ def _json_value(v, what: str):
 
 def _flatten(opt) -> tuple[dict[str, Tensor], dict]:
     entries = layer_entries(opt)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = [p for g in opt.trained_groups for p in g["params"]]
     tensors: dict[str, Tensor] = {}
     for entry, p in zip(entries, params):
         state = opt.state.get(p) or {}
@@ -140,7 +140,7 @@ def _flatten(opt) -> tuple[dict[str, Tensor], dict]:
         "config": {k: _json_value(v, f"config.{k}") for k, v in opt.config.saved_items().items()},
         "update_gap": opt.config.update_gap,
         "param_groups": [{k: _json_value(v, f"param_groups[{gi}][{k!r}]") for k, v in group.items() if k != "params"}
-                         for gi, group in enumerate(opt.param_groups)],
+                         for gi, group in enumerate(opt.trained_groups)],
         "layers": entries,
         "versions": {"torch": torch.__version__, "torchao": _torchao.torchao_version,
                      "safetensors": safetensors.__version__},
@@ -199,7 +199,7 @@ def load_optimizer(opt, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     entries = layer_entries(opt)
     here = {e["name"]: e for e in entries}
-    max_bytes, max_entries = header_bounds(entries, len(opt.param_groups))
+    max_bytes, max_entries = header_bounds(entries, len(opt.trained_groups))
     # 1. the header: everything that can be decided without reading tensor data
     header, metadata, meta = read_checked_header(path, max_bytes, max_entries)
     expected = check_header(opt, meta, header, entries)
@@ -210,7 +210,7 @@ def load_optimizer(opt, path: str | os.PathLike) -> None:
     check_values(tensors, expected, here)
     # 3. what each parameter's state becomes; new tensors made here, so that applying it cannot fail half-way
     names = param_names(opt)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = [p for g in opt.trained_groups for p in g["params"]]
     saved = {e["name"]: e for e in meta["layers"]}
     plans = {p: _state_plan(opt.state.get(p), here[name], tensors, p.device)
              for name, p in zip(names, params) if saved[name]["has_state"]}
@@ -221,7 +221,7 @@ def load_optimizer(opt, path: str | os.PathLike) -> None:
             opt.state.pop(p, None)
     for p, plan in plans.items():
         _apply_plan(opt.state, p, plan)
-    for group, values in zip(opt.param_groups, hyper):
+    for group, values in zip(opt.trained_groups, hyper):
         for k, v in values.items():
             if isinstance(group.get(k), Tensor):
                 group[k].fill_(v.item() if isinstance(v, Tensor) else v)

@@ -59,7 +59,7 @@ def index_dtype(basis_size: int) -> torch.dtype:
 def param_names(opt) -> list[str]:
     """One unique name per parameter, in param-group order: its fqn if wrap_model recorded it."""
     recorded = opt.param_names
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = [p for g in opt.trained_groups for p in g["params"]]
     names = [recorded.get(p, f"param.{i}") for i, p in enumerate(params)]
     if len(set(names)) != len(names):
         names = [f"param.{i}" for i in range(len(params))]
@@ -76,7 +76,7 @@ def layer_entries(opt) -> list[dict]:
     """What this optimizer's checkpoint must describe: one entry per parameter, in param-group order."""
     names = iter(param_names(opt))
     entries = []
-    for gi, group in enumerate(opt.param_groups):
+    for gi, group in enumerate(opt.trained_groups):
         for p in group["params"]:
             layer = opt.layers.get(p) if group["lowrank"] else None
             shape = quant.state_shape(opt, p)
@@ -146,10 +146,10 @@ def check_header(opt, meta: dict, header: dict, entries: list[dict]) -> dict[str
             _compare(problems, key, saved_config[key], getattr(opt.config, key))
     _compare(problems, "update_gap", meta.get("update_gap"), opt.config.update_gap)
     saved_groups = meta["param_groups"]
-    if len(saved_groups) != len(opt.param_groups):
-        problems.append(f"param groups: checkpoint has {len(saved_groups)}, this optimizer {len(opt.param_groups)}")
+    if len(saved_groups) != len(opt.trained_groups):
+        problems.append(f"param groups: checkpoint has {len(saved_groups)}, this optimizer {len(opt.trained_groups)}")
     else:
-        for gi, (sg, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        for gi, (sg, group) in enumerate(zip(saved_groups, opt.trained_groups)):
             for key in _STRUCTURAL_GROUP_KEYS:
                 if key in sg or key in group:
                     _compare(problems, f"param_groups[{gi}][{key!r}]", sg.get(key), group.get(key))
@@ -239,7 +239,7 @@ def restored_groups(opt, saved_groups: list[dict]) -> list[dict]:
     fields = {f.name for f in dataclasses.fields(opt.config)}
     problems: list[str] = []
     out = []
-    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+    for gi, (saved, group) in enumerate(zip(saved_groups, opt.trained_groups)):
         values = {}
         for k, raw in saved.items():
             if k in _STRUCTURAL_GROUP_KEYS:

@@ -98,7 +98,7 @@ def local_state_shape(opt, p: Tensor) -> tuple[int, ...]:
 
 def is_state_init_step(opt) -> bool:
     """Whether this step() call is torch's ``_init_optim_state`` on an optimizer without states (all lr 0)."""
-    if any(opt.state.values()) or any(float(g["lr"]) != 0.0 for g in opt.param_groups):
+    if any(opt.state.values()) or any(float(g["lr"]) != 0.0 for g in opt.trained_groups):
         return False
     return _torch_caller("_init_optim_state") is not None
 
@@ -117,7 +117,7 @@ def export_state_dict(opt, sd: dict) -> dict:
     for g in sd["param_groups"]:
         g[GLOBAL_STEP] = step
         g[PER_PROCESS] = per_process
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = [p for g in opt.trained_groups for p in g["params"]]
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     for i, p in zip(ids, params):
         state = sd["state"].get(i)
@@ -133,7 +133,7 @@ def export_state_dict(opt, sd: dict) -> dict:
                 # scale (torchao's signed map ends at -0.993), so a resume would not be exact
                 raise NotImplementedError(
                     f"{opt.param_names.get(p, 'a parameter')}: quantised Adam states (state_dtype "
-                    f"{opt.param_groups[0]['state_dtype']!r}) under FSDP2 cannot be saved with "
+                    f"{opt.trained_groups[0]['state_dtype']!r}) under FSDP2 cannot be saved with "
                     "torch.distributed.checkpoint yet: their quantisation blocks follow each process's shard. Use "
                     "state_dtype 'fp32' or 'bf16' with FSDP2, or DDP (which saves quantised states exactly)")
             state[key] = _dtensor_type().from_local(s, like.device_mesh, like.placements, run_check=False,
@@ -163,7 +163,7 @@ def _recover_dropped(opt, sd: dict) -> None:
     full, bcast = getattr(info, "full_state_dict", False), getattr(info, "broadcast_from_rank0", False)
     flat = "state" not in given
     recovered = {}
-    for saved, group in zip(sd["param_groups"], opt.param_groups):
+    for saved, group in zip(sd["param_groups"], opt.trained_groups):
         for fqn, p in zip(saved["params"], group["params"]):
             for key in GROUP_KEYS if flat else ():  # torch's unflattening keeps only the keys the live groups have
                 if key not in saved and f"param_groups.{fqn}.{key}" in given:
@@ -180,7 +180,7 @@ def _recover_dropped(opt, sd: dict) -> None:
         box = [recovered if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)
         recovered = box[0]
-    params = {fqn: p for saved, group in zip(sd["param_groups"], opt.param_groups)
+    params = {fqn: p for saved, group in zip(sd["param_groups"], opt.trained_groups)
               for fqn, p in zip(saved["params"], group["params"])}
     for fqn, state in recovered.items():
         if state:
@@ -207,7 +207,7 @@ def import_state_dict(opt, sd: dict) -> dict:
         return sd  # check_state_dict names what is wrong
     sd = dict(sd, state=dict(sd["state"]), param_groups=[dict(g) if isinstance(g, dict) else g
                                                             for g in sd["param_groups"]])
-    if len(sd["param_groups"]) == len(opt.param_groups):
+    if len(sd["param_groups"]) == len(opt.trained_groups):
         _recover_dropped(opt, sd)
     groups = [g for g in sd["param_groups"] if isinstance(g, dict)]
     step = _group_step(groups)

@@ -26,7 +26,7 @@ __all__ = ["prepare_ddp", "CommCounter", "counting_allreduce_hook", "refuse_unre
 def _hook_targets(opt) -> list[tuple[Tensor, Tensor]]:
     """(tensor that receives the gradient, optimizer param) for every param of a LowRankAdamW."""
     return [(opt.layer_of(p).lowrank_grad if group["lowrank"] else p, p)
-            for group in opt.param_groups for p in group["params"]]
+            for group in opt.trained_groups for p in group["params"]]
 
 
 def _remove_update_hooks(opt) -> None:

@@ -115,7 +115,7 @@ def _slots(model: nn.Module, opt) -> list[_FsdpSlot]:
             if p is not None:
                 owners.setdefault(id(p), (module, name))
     slots = []
-    for group in opt.param_groups:
+    for group in opt.trained_groups:
         for i, p in enumerate(group["params"]):
             module, name = owners[id(p)]
             slots.append(_FsdpSlot(group, i, module, name, opt.layer_of(p) if group["lowrank"] else None))

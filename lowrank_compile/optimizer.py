@@ -115,6 +115,12 @@ class LowRankAdamW(torch.optim.Optimizer):
         return types.MappingProxyType(self._names)
 
     @property
+    def trained_groups(self) -> list[dict]:
+        """The param groups this optimizer trains: param_groups without the carriers' bookkeeping group that
+        GradScaler support shows between a backward and its step (amp.py). Checkpoints and wrappers use these."""
+        return [g for g in self.param_groups if not g.get("carriers")]
+
+    @property
     def fused(self) -> bool:
         """Whether updates run inside backward (config.fused)."""
         return self._config.fused
@@ -550,8 +556,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         self._skips.total()  # logs a warning if the count grew (a save synchronises anyway)
         with self._carriers_hidden():
-            sd = super().state_dict()
-        return dcp.export_state_dict(self, sd)  # the global step, also in every group for torch's DCP (dcp.py)
+            return dcp.export_state_dict(self, super().state_dict())  # the global step, also in every group for torch's DCP (dcp.py)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load what :meth:`state_dict` returned, after checking all of it against this optimizer: the same

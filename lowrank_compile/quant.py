@@ -295,7 +295,7 @@ def log_storage(opt) -> None:
     """Log how a LowRankAdamW stores its states: under a quantised state_dtype, which ones stay fp32 and why."""
     names = opt.param_names
     total, fallbacks, state_dtypes = 0, [], set()
-    for group in opt.param_groups:
+    for group in opt.trained_groups:
         if group["state_dtype"] not in QUANTIZED:
             continue
         state_dtypes.add(group["state_dtype"])

@@ -48,10 +48,10 @@ def check_state_dict(opt, sd) -> None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"global_step must be an int >= 0, got {step!r}")
     groups = sd["param_groups"]
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(f"the state_dict has {len(groups)} param groups, this optimizer {len(opt.param_groups)}")
+    if len(groups) != len(opt.trained_groups):
+        raise ValueError(f"the state_dict has {len(groups)} param groups, this optimizer {len(opt.trained_groups)}")
     states = sd["state"]
-    for gi, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+    for gi, (saved, group) in enumerate(zip(groups, opt.trained_groups)):
         if len(saved.get("params", ())) != len(group["params"]):
             raise ValueError(f"param group {gi}: the state_dict has {len(saved.get('params', ()))} parameters, "
                              f"this optimizer {len(group['params'])}")

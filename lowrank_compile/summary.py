@@ -105,7 +105,7 @@ def compiles_updates(opt) -> bool:
     if opt.config.compile_step is not None:
         return opt.config.compile_step
     return any(quant.storage_kind(quant.state_shape(opt, p), g["state_dtype"]) in quant.QUANTIZED
-               for g in opt.param_groups for p in g["params"])
+               for g in opt.trained_groups for p in g["params"])
 
 
 def _m(n: float) -> str:
@@ -138,7 +138,7 @@ def summary(opt) -> str:
     projected = sum(w.numel() for w in layers)
     ours = adamw = low_grads = full_grads = 0
     plain = collections.defaultdict(lambda: [0, 0, []])  # reason -> [tensors, elements, names]
-    for group in opt.param_groups:
+    for group in opt.trained_groups:
         for p in group["params"]:
             shape = quant.state_shape(opt, p)
             ours += _moment_bytes(shape, p.dtype, group["state_dtype"])

@@ -222,3 +222,25 @@ def test_skips_match_torch_adamw_under_the_same_scaler():
             o.zero_grad()
     assert scales[0] == scales[1]
     assert opt.global_step == 4  # two of six steps skipped
+
+
+def test_the_carriers_group_never_reaches_a_checkpoint(tmp_path):
+    """Between a backward and its step the carriers' bookkeeping group is in param_groups; saving there (either
+    way) writes only the trained groups, and the file loads into an optimizer that has no such group."""
+    model = _model()
+    opt = lrc.wrap_model(model, rank=4, update_gap=2)
+    _run(model, opt, _batches(2))
+    _loss(model, _batches(3)[2]).backward()
+    assert any(g.get("carriers") for g in opt.param_groups)
+    assert len(opt.trained_groups) == len(opt.param_groups) - 1
+    sd = opt.state_dict()
+    assert len(sd["param_groups"]) == len(opt.trained_groups)
+    lrc.save_optimizer(opt, tmp_path / "mid.safetensors")
+    assert any(g.get("carriers") for g in opt.param_groups)  # still shown: a scaler may come next
+    opt.step()
+    opt.zero_grad()
+    other = _model()
+    opt2 = lrc.wrap_model(other, rank=4, update_gap=2)
+    lrc.load_optimizer(opt2, tmp_path / "mid.safetensors")
+    opt2.load_state_dict(sd)
+    assert opt2.global_step == 2
