@@ -12,7 +12,8 @@ in ``state_dict``, never updated). ``scaler.unscale_(opt)`` then unscales them a
 LowRankAdamW sets ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` always calls ``opt.step()``, with the
 attributes ``grad_scale`` (the scale, or None when ``unscale_`` already ran) and ``found_inf``. step() then:
 
-- with ``fused=True`` refuses: updates ran inside backward, before any inf check existed;
+- with ``fused=True`` refuses: updates ran inside backward, before any inf check existed (under FSDP2,
+  fsdp.py's step pre-hook refuses a scaler too: each process would see the infs of its own shard only);
 - counts a micro-batch (``accumulate=k``) and notes what the scaler said (:class:`ScalerCycle`): any inf in the
   cycle, and whether the scale changed inside it (the scaler's growth between two micro-batches would leave a
   gradient summed under two scales, which no single unscale can fix);

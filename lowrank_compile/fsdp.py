@@ -80,6 +80,11 @@ class _FsdpGrads:
         self.slots = slots
 
     def before_step(self, opt, args, kwargs) -> None:
+        if hasattr(opt, "grad_scale") or hasattr(opt, "found_inf"):  # torch.amp.GradScaler.step is calling
+            raise RuntimeError(
+                "torch.amp.GradScaler with prepare_fsdp (FSDP2) is not supported: the rank-r gradients live in "
+                "sharded carriers whose infs each process would see only for its own shard. Train in bf16 (no "
+                "scaler) under FSDP2, or use prepare_ddp with fp16 and a GradScaler.")
         self.after_step(opt, args, kwargs)
         if opt.micro_step + 1 < opt.accumulate:
             return  # this step() call only counts a micro-batch

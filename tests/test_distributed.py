@@ -273,6 +273,24 @@ def fsdp_fused_refused(rank):
 
 
 @scenario
+def fsdp_grad_scaler_refused(rank):
+    """GradScaler under FSDP2: refused before the step changes anything (weights and selections as they were)."""
+    model = make_net()
+    opt = lrc.wrap_model(model, **OPT)
+    lrd.prepare_fsdp(model, opt, units=[model.up, model.down])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = global_batches()[0]
+    scaler.scale(loss_fn(model, shard(x, rank), shard(y, rank))).backward()
+    before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    try:
+        scaler.step(opt)
+    except RuntimeError as e:
+        same = all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
+        return dict(error=str(e), same=same, step=opt.global_step)
+    return dict(error=None, same=None, step=opt.global_step)
+
+
+@scenario
 def fused_without_prepare_ddp(rank):
     """Last: fused=True under a DDP built by hand must refuse (its backward raises on both ranks)."""
     model = make_net()
@@ -455,6 +473,11 @@ def test_fsdp2_matches_single_process(runs, accumulate):
     assert a["placements"]["up.weight"] == a["placements"]["up.lowrank_grad"] == 0
     assert a["local_shapes"]["down.lowrank_grad"] == (6, 20) and a["local_shapes"]["up.lowrank_grad"] == (20, 6)
     assert (20, 6) in a["state_shapes"] and (6, 20) in a["state_shapes"]  # states of the local shards
+
+
+def test_fsdp2_refuses_a_grad_scaler(runs):
+    for r in get(runs, "fsdp_grad_scaler_refused"):
+        assert r["error"] is not None and "prepare_fsdp" in r["error"] and r["same"] and r["step"] == 0
 
 
 def test_fsdp2_refuses_fused(runs):
