@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import lowrank_compile as lrc
 from lowrank_compile import distributed as lrd
 from lowrank_compile import quant
+from test_distributed import Net as _DistributedNet
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 OPT = dict(rank=6, lr=1e-2, update_gap=2, weight_decay=0.1)
@@ -38,19 +39,9 @@ STEPS, SAVE_AT = 6, 3  # update_gap 2: refreshes at 1, 2, 4, 6; the resume start
 TOL = dict(rtol=0, atol=1e-12)
 
 
-class Net(nn.Module):
-    """up 24 -> 40 (right projection), a LayerNorm, down 40 -> 24 (left), head 24 -> 4 (plain AdamW; 4 rows, so
-    that no process of 4 holds an empty shard, which update.py's non-finite guard cannot take yet)."""
-
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(24, 40)
-        self.norm = nn.LayerNorm(40)
-        self.down = nn.Linear(40, 24, bias=False)
-        self.head = nn.Linear(24, 4)
-
-    def forward(self, x):
-        return self.head(F.gelu(self.down(F.gelu(self.norm(self.up(x))))))
+def Net() -> nn.Module:
+    """test_distributed's model with a head of 4 rows, so that each of 4 FSDP2 processes holds some of it."""
+    return _DistributedNet(head_rows=4)
 
 
 class BigNet(nn.Module):

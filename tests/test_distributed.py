@@ -38,14 +38,15 @@ TOL = dict(rtol=0, atol=1e-12)
 
 
 class Net(nn.Module):
-    """up 24 -> 40 (right projection), a LayerNorm, down 40 -> 24 (left), head 24 -> 3 (too small: plain AdamW)."""
+    """up 24 -> 40 (right projection), a LayerNorm, down 40 -> 24 (left), head 24 -> head_rows (too small to
+    project: plain AdamW)."""
 
-    def __init__(self):
+    def __init__(self, head_rows: int = 3):
         super().__init__()
         self.up = nn.Linear(24, 40)
         self.norm = nn.LayerNorm(40)
         self.down = nn.Linear(40, 24, bias=False)
-        self.head = nn.Linear(24, 3)
+        self.head = nn.Linear(24, head_rows)
 
     def forward(self, x):
         return self.head(F.gelu(self.down(F.gelu(self.norm(self.up(x))))))

@@ -4,22 +4,11 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-import transformers
 from transformers import Trainer
 
 import lowrank_compile as lrc
 from lowrank_compile.hf import LowRankCheckpointCallback, lowrank_trainer, make_trainer_optimizers
-from test_hf import Tokens, llama, training_args
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(n)
+from test_hf import Tokens, llama, one_thread_and_fresh_accelerate, training_args  # noqa: F401 (an autouse fixture)
 
 
 def test_lowrank_trainer_trains_and_saves_the_optimizer_with_each_checkpoint(tmp_path):
