@@ -75,6 +75,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._skips = SkipCounter()  # updates skipped for non-finite gradients
         self._scaler_cycle = amp.ScalerCycle()  # what torch.amp.GradScaler said during this step (amp.py)
         self._scaler_owns_infs = False  # True while a GradScaler-checked update runs: the guard stays quiet
+        self._scaler_skips = 0  # see scaler_skips
         self._carriers: dict | None = None  # the carriers' bookkeeping param group while it is shown (amp.py)
         self._carrier_ids: set[int] = set()
         self._index_groups()
@@ -158,8 +159,6 @@ class LowRankAdamW(torch.optim.Optimizer):
         (``accumulate > 1``: the scaler's growth between micro-batches); steps with infs are the scaler's own
         skips and are not counted here."""
         return self._scaler_skips
-
-    _scaler_skips = 0
 
     def _skips_on(self, device: torch.device) -> Tensor | None:
         return None if self._scaler_owns_infs else self._skips.on(device)
@@ -264,9 +263,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                                "so there is nothing left to clip afterwards (torch.nn.utils.clip_grad_norm_ would "
                                "return 0 and clip nothing); wrap with clip_per_tensor=max_norm to clip each "
                                "gradient just before its update, or use fused=False")
-        holders = [self._layers[p].lowrank_grad if g["lowrank"] else p for g in self.param_groups for p in g["params"]
-                   if not g.get("carriers")]
-        return torch.nn.utils.clip_grad_norm_(holders, max_norm, norm_type=norm_type,
+        return torch.nn.utils.clip_grad_norm_(self._grad_holders(), max_norm, norm_type=norm_type,
                                               error_if_nonfinite=error_if_nonfinite, foreach=foreach)
 
     def lowrank_grads(self) -> list[Tensor]:
@@ -302,9 +299,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             return loss
         try:
             if not self.fused:
-                for group in self.param_groups:
-                    if not group.get("carriers"):
-                        self._update(group, group["params"])
+                for group in self.trained_groups:
+                    self._update(group, group["params"])
         finally:
             self._scaler_owns_infs = False
             self._hide_carriers()
@@ -329,21 +325,14 @@ class LowRankAdamW(torch.optim.Optimizer):
             self._hide_carriers()
             return True
         if scale is not None:
-            amp.unscale_([g for g in self._present_grads()], scale)
+            amp.unscale_([h.grad for h in self._grad_holders() if h.grad is not None], scale)
         self._scaler_owns_infs = True
         return False
 
-    def _present_grads(self) -> list[Tensor]:
-        """Every gradient this optimizer would update from now: plain .grad and the layers' rank-r gradients."""
-        grads = []
-        for group in self.param_groups:
-            if group.get("carriers"):
-                continue
-            for p in group["params"]:
-                g = self._grad(p, group)
-                if g is not None:
-                    grads.append(g)
-        return grads
+    def _grad_holders(self) -> list[Tensor]:
+        """The tensors whose .grad this optimizer updates from: each plain parameter, and each projected weight's
+        carrier (its .grad is the rank-r gradient)."""
+        return [self._layers[p].lowrank_grad if g["lowrank"] else p for g in self.trained_groups for p in g["params"]]
 
     def _undo_refresh(self) -> None:
         """A skipped step keeps the selections: layers refreshed in its backward go back to the selection their
@@ -546,9 +535,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         count moves, so the refresh schedule and the sketches continue as if the call never happened."""
         if not dcp.is_state_init_step(self):
             return False
-        for group in self.param_groups:
-            if group.get("carriers"):
-                continue
+        for group in self.trained_groups:
             for p in group["params"]:
                 self._prepare_state(p, group, torch.empty(dcp.local_state_shape(self, p), device="meta"))
         return True
