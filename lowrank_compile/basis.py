@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["dct_matrix", "random_orthonormal_matrix", "use_fft", "dct_rows", "dct_rows_fft", "basis_matrix",
-           "gather_columns", "transform_rows"]
+           "gather_columns", "transform_rows", "idct_rows_fft", "project_rows_fft", "back_project_rows_fft",
+           "use_fft_projection", "project_rows"]
 
 # Rows of x @ D by FFT (Makhoul) instead of matmul: from SMOOTH_FFT_MIN_SIZE on for sizes whose prime factors are
 # all in _SMOOTH_PRIMES (what MKL's FFT has fast radix kernels for), from FFT_MIN_SIZE on for every size. Measured
@@ -28,6 +29,12 @@ _SMOOTH_PRIMES = (2, 3, 5, 7, 11, 13)
 # Row chunks of the CPU FFT transform: 2^20 elements (4 MiB of fp32 input) per chunk. At 2048 x 2048 and
 # 4096 x 4096 chunks of 2^18-2^20 elements halved the time against one whole pass; 2^16 lost some of it.
 FFT_CHUNK_ELEMS = 1 << 20
+# x @ D_r (rank r of n) by the DCT of every row and a gather, where r >= FFT_PROJECTION_RANK_PER_LOG2 * log2(n) and
+# use_fft(n): the FFT's cost grows with log n, the matmul's with r. Measured with tools/fft_projection.py (2-core CPU,
+# fp32, T = 1024; docs/bench/fft_projection/): FFT / matmul 1.22 at n=1024 r=256, 0.89 at r=384, 0.75 at r=512;
+# 1.03 at n=2048 r=512, 0.68 at r=768; 0.51 at n=4096 r=1024. The back-projection u @ D_r^T by scatter and inverse
+# FFT won only from r = n/2 at n >= 2048 (0.67) and needs a full-width temporary, so it stays a matmul.
+FFT_PROJECTION_RANK_PER_LOG2 = 40
 
 RANDOM_BASIS_SEED = 0
 
@@ -184,3 +191,81 @@ def transform_rows(kind: str, x: Tensor, D: Tensor) -> Tensor:
     if kind == "dct" and use_fft(x.shape[-1]):
         return dct_rows_fft(x)
     return x @ D.to(x.dtype)
+
+
+_IDCT_PLANS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _idct_plan(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(mirror, twiddle, unperm) of the size-n inverse DCT by FFT (built in float64; see idct_rows_fft).
+
+    mirror: for k <= n/2, the column n - k (column n, which does not exist, reads the zero appended at n).
+    twiddle: exp(i pi k / 2n) with the orthonormal scales undone and irfft's 1/n folded out. unperm: where
+    x_j sits in the Makhoul order v (the inverse of _fft_plan's perm).
+    """
+    key = (n, dtype, torch.device(device))
+    compiling = torch.compiler.is_compiling()
+    plan = None if compiling else _IDCT_PLANS.get(key)
+    if plan is None:
+        k = torch.arange(n // 2 + 1, dtype=torch.float64, device=device)
+        mirror = (n - k).long()
+        scale = torch.full_like(k, math.sqrt(n / 2.0))
+        scale[0] = math.sqrt(float(n))
+        twiddle = torch.polar(scale, k * (math.pi / (2 * n)))
+        j = torch.arange(n, device=device)
+        unperm = torch.where(j % 2 == 0, j // 2, n - 1 - j // 2)
+        plan = (mirror, twiddle.to(torch.complex128 if dtype == torch.float64 else torch.complex64), unperm)
+        if not compiling:
+            _IDCT_PLANS[key] = plan
+    return plan
+
+
+def idct_rows_fft(X: Tensor) -> Tensor:
+    """The inverse of dct_rows_fft: X @ dct_matrix(n).T for every row of X, by one inverse real FFT of length n.
+
+    With C the unnormalised coefficients, the Makhoul sequence's spectrum is V_k = exp(i pi k / 2n) (C_k - i C_{n-k})
+    (C_n = 0) for k <= n/2, and v = irfft(V) holds x in the order (x_0, x_2, ..., x_3, x_1).
+    """
+    n = X.shape[-1]
+    compute = torch.float64 if X.dtype == torch.float64 else torch.float32
+    mirror, twiddle, unperm = _idct_plan(n, compute, X.device)
+    X2 = X.reshape(-1, n).to(compute)
+    rows = X2.shape[0]
+    if rows == 0:
+        return X.clone()
+    padded = torch.cat([X2, X2.new_zeros(rows, 1)], dim=1)  # column n reads as C_n = 0
+    W = torch.complex(X2[:, : n // 2 + 1], -padded.index_select(1, mirror))
+    v = torch.fft.irfft(W.mul_(twiddle), n=n, dim=-1)
+    return v.index_select(1, unperm).view(X.shape).to(X.dtype)
+
+
+def project_rows_fft(x: Tensor, idx: Tensor) -> Tensor:
+    """x @ D_r with D_r = dct_matrix(n)[:, idx]: the DCT of every row, then a gather of the r kept coefficients.
+
+    O(n log n) per row whatever r is, against O(n r) for the matmul (use_fft_projection says where each wins).
+    """
+    return dct_rows_fft(x).index_select(-1, idx)
+
+
+def back_project_rows_fft(u: Tensor, idx: Tensor, n: int) -> Tensor:
+    """u @ D_r^T with D_r = dct_matrix(n)[:, idx]: u's r columns scattered into the n basis slots, then the
+    inverse DCT of every row. O(n log n) per row whatever r is; its result has n columns (a full-width temporary
+    of u's rows: callers pass row chunks when that matters)."""
+    full = u.new_zeros(*u.shape[:-1], n)
+    full.index_copy_(-1, idx, u)
+    return idct_rows_fft(full)
+
+
+def use_fft_projection(n: int, r: int) -> bool:
+    """Whether x @ D_r (a DCT basis of size n, r columns kept) goes through project_rows_fft: a fixed rule on
+    (n, r) alone, from measurement (FFT_PROJECTION_RANK_PER_LOG2), never a run-time timing."""
+    return use_fft(n) and r >= FFT_PROJECTION_RANK_PER_LOG2 * math.log2(n)
+
+
+def project_rows(kind: str, x: Tensor, D: Tensor, idx: Tensor) -> Tensor:
+    """x @ D_r, D_r = D[:, idx] for the fixed basis `kind` whose (n, n) matrix is D: by FFT and a gather where
+    use_fft_projection says it is faster (the DCT only), else by matmul with the gathered columns."""
+    n, r = D.shape[0], idx.shape[0]
+    if kind == "dct" and use_fft_projection(n, r):
+        return project_rows_fft(x, idx)
+    return x @ gather_columns(D, idx).to(x.dtype)

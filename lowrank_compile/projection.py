@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .basis import basis_matrix, gather_columns, transform_rows
+from . import int8_weights
+from .basis import basis_matrix, gather_columns, project_rows, transform_rows
 from .selection import (left_scores, norm_order, right_scores, select_left, select_right, select_top_r,
                         sketch_matrix, sketched_left_scores, sketched_right_scores)
 
@@ -38,6 +39,7 @@ __all__ = ["LayerSpec", "RefreshControl", "LowRankLinear", "basis_dtype"]
 CARRIER = "lowrank_grad"
 INDEX = "lowrank_idx"
 SVD_BASIS = "lowrank_basis"
+SCALE = "weight_scale"  # an int8 weight's block scales (weight_dtype="int8"; the weight parameter holds the codes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,10 +177,12 @@ def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, rig
             keep = ~torch.isfinite(size) | (size == 0)
             idx.copy_(torch.where(keep, idx, new_idx))
             return g_low
-        D_r = gather_columns(D, idx).to(cdt)  # (n, r)
+        if right:  # x D_r, by FFT and a gather where basis.use_fft_projection says it is faster
+            return g2.t() @ project_rows(kind, x2, D, idx)  # (out, T) @ (T, r) -> (out, r)
+        return project_rows(kind, g2, D, idx).t() @ x2  # (r, T) @ (T, in) -> (r, in)
     if right:
-        return g2.t() @ (x2 @ D_r)  # (out, T) @ (T, r) -> (out, r)
-    return (g2 @ D_r).t() @ x2  # (r, T) @ (T, in) -> (r, in)
+        return g2.t() @ (x2 @ D_r)
+    return (g2 @ D_r).t() @ x2
 
 
 def _refresh(x2: Tensor, g2: Tensor, r: int, D: Tensor, right: bool, kind: str, norm_p: int, omega: Tensor | None,
@@ -237,35 +241,38 @@ class _ProjectedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, carrier, selection, D, omega, right: bool, kind: str, norm_p: int,
-                refresh: bool, transposed: bool, reducer=None, score_dtype=None):
+                refresh: bool, transposed: bool, reducer=None, score_dtype=None, weight_scale=None):
+        # weight_scale: None, or an int8 weight's scales (weight holds its codes): W is dequantised here and again
+        # in backward, one layer at a time; only the codes and scales are saved
         if torch.compiler.is_compiling():
-            ctx.save_for_backward(x, weight, selection, D, omega)
+            ctx.save_for_backward(x, weight, weight_scale, selection, D, omega)
             ctx.selection_version = None
         else:
             # Eager: keep the selection outside saved_tensors and remember its version. A layer called twice in one
             # forward has two backward nodes; on a refresh step the first to run rewrites the selection in place,
             # and the second must then project onto it instead of selecting again (one basis per layer per step).
-            ctx.save_for_backward(x, weight, D, omega)
+            ctx.save_for_backward(x, weight, weight_scale, D, omega)
             ctx.selection, ctx.selection_version = selection, selection._version
         ctx.reducer = reducer
         ctx.score_dtype = score_dtype
         ctx.meta = (right, kind, norm_p, refresh, transposed, carrier.dtype, None if bias is None else bias.dtype)
-        return dense_linear(x, weight, bias, transposed)
+        w = weight if weight_scale is None else int8_weights.dequantize(weight, weight_scale, carrier.dtype)
+        return dense_linear(x, w, bias, transposed)
 
     @staticmethod
     def backward(ctx, gy):
         right, kind, norm_p, refresh, transposed, carrier_dtype, bias_dtype = ctx.meta
         if ctx.selection_version is None:
-            x, weight, selection, D, omega = ctx.saved_tensors
+            x, weight, weight_scale, selection, D, omega = ctx.saved_tensors
         else:
-            x, weight, D, omega = ctx.saved_tensors
+            x, weight, weight_scale, D, omega = ctx.saved_tensors
             selection = ctx.selection
             refresh = refresh and selection._version == ctx.selection_version
         cdt = gy.dtype
         g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
         grad_x = grad_bias = grad_low = None
         if ctx.needs_input_grad[0]:
-            w = weight.to(cdt)
+            w = weight.to(cdt) if weight_scale is None else int8_weights.dequantize(weight, weight_scale, cdt)
             grad_x = (gy @ (w.t() if transposed else w)).to(x.dtype)
         if bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0).to(bias_dtype)
@@ -275,7 +282,7 @@ class _ProjectedLinearFn(torch.autograd.Function):
             row_factor, col_factor = (x2, g2) if transposed else (g2, x2)
             grad_low = rank_r_grad(col_factor, row_factor, selection, D, right, kind, norm_p, refresh, omega,
                                    ctx.reducer, ctx.score_dtype).to(carrier_dtype)
-        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None, None, None, None
+        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None, None, None, None, None
 
 
 class LowRankLinear(nn.Linear):
@@ -321,7 +328,12 @@ class LowRankLinear(nn.Linear):
         return linear
 
     def unwrap(self) -> nn.Linear:
-        """Back to a plain nn.Linear with the trained weight (same storage); drops the carrier and indices."""
+        """Back to a plain nn.Linear with the trained weight (same storage; an int8 weight is dequantised into the
+        dtype it had before wrapping, same Parameter object); drops the carrier and indices."""
+        if self.is_int8:
+            self.weight.data = self.dense_weight()
+            del self._buffers[SCALE]
+            self._non_persistent_buffers_set.discard(SCALE)
         self._lowrank_hook.remove()
         del self._parameters[CARRIER]
         self._buffers.pop(INDEX, None)
@@ -334,6 +346,90 @@ class LowRankLinear(nn.Linear):
         self.__class__ = self._lowrank_dense_class
         return self
 
+    # -- int8 weights (weight_dtype="int8", int8_weights.py) ----------------------------------------------------
+    @property
+    def is_int8(self) -> bool:
+        """Whether the weight is stored as int8 codes (the weight parameter) and block scales (``weight_scale``)."""
+        return SCALE in self._buffers
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: its weight's, or for an int8 weight the dtype it had (its carrier's)."""
+        return self._parameters[CARRIER].dtype
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight as a floating tensor of `dtype` (default: compute_dtype): dequantised for an int8 weight (a new
+        tensor), else the weight itself (or a cast)."""
+        dtype = dtype or self.compute_dtype
+        if self.is_int8:
+            return int8_weights.dequantize(self.weight, self.weight_scale, dtype)
+        return self.weight.to(dtype)
+
+    def store_int8_(self) -> None:
+        """Store the weight as int8 codes and block scales from now on (same Parameter object: it holds the codes)."""
+        if self.is_int8:
+            return
+        codes, scale = int8_weights.quantize(self.weight.detach())
+        self.register_buffer(SCALE, scale, persistent=False)  # the weight's block scales, fp32 (rows, cols / block)
+        self.weight.data = codes
+
+    def load_weight_(self, value: Tensor) -> None:
+        """Set the weight from `value`, in place: an Int8Tensor of this layer's blocks is copied bit for bit, any
+        other floating tensor (or Int8Tensor) is encoded (int8) or copied (otherwise). The shape must be the
+        weight's. For a layer on the meta device the storage is created on value's device instead."""
+        if tuple(value.shape) != tuple(self.weight.shape):
+            raise ValueError(f"weight of shape {tuple(value.shape)} for a layer whose weight is "
+                             f"{tuple(self.weight.shape)}")
+        if not self.is_int8:
+            if int8_weights.is_int8_tensor(value):
+                value = value.dequantize(self.weight.dtype)
+            if self.weight.is_meta:
+                torch.utils.swap_tensors(self.weight, nn.Parameter(value.to(self.weight.dtype, copy=True),
+                                                                   requires_grad=False))
+            else:
+                self.weight.copy_(value)
+            return
+        if (int8_weights.is_int8_tensor(value) and list(value.block_size) == [1, int8_weights.block_size(value.shape[1])]
+                and value.zero_point is None and tuple(value.scale.shape) == tuple(self.weight_scale.shape)):
+            codes, scale = value.qdata, value.scale.float()
+        else:
+            if int8_weights.is_int8_tensor(value):
+                value = value.dequantize(torch.float32)
+            if not value.is_floating_point():
+                raise ValueError(f"weight must be a floating tensor or an Int8Tensor, got {value.dtype}")
+            codes, scale = int8_weights.quantize(value)
+        if self.weight.is_meta:  # new storage; never the caller's own tensors
+            copied = int8_weights.is_int8_tensor(value)
+            torch.utils.swap_tensors(self.weight, nn.Parameter(codes.clone() if copied else codes, requires_grad=False))
+            self._buffers[SCALE] = scale.clone() if copied else scale
+        else:
+            self.weight.copy_(codes)
+            self.weight_scale.copy_(scale)
+
+    def weight_to_meta_(self) -> None:
+        """Put the weight (and an int8 weight's scales) back on the meta device, same Parameter object: what
+        load_weights does to undo a partial load of a meta model."""
+        meta = torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta")
+        torch.utils.swap_tensors(self.weight, nn.Parameter(meta, requires_grad=False))
+        if self.is_int8:
+            self._buffers[SCALE] = torch.empty(self._buffers[SCALE].shape, device="meta")
+
+    def materialize_own_(self, device) -> None:
+        """Create on `device` the tensors of the layer's own that are still on the meta device (after wrapping a
+        meta model and loading its weights): the carrier, the selection (idx = 0..r-1, or the svd basis zeros) and
+        an int8 weight's scales. Parameters stay the same objects."""
+        carrier = self._parameters[CARRIER]
+        if carrier.is_meta:
+            data = carrier_data(carrier.shape, carrier.dtype, device, self._lowrank_dense_carrier)
+            torch.utils.swap_tensors(carrier, nn.Parameter(data))
+        for name in (INDEX, SVD_BASIS, SCALE):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_meta:
+                if name == INDEX:
+                    self._buffers[name] = torch.arange(buf.shape[0], dtype=buf.dtype, device=device)
+                else:
+                    self._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+
     def materialize_carrier(self) -> None:
         """Give the carrier real storage (same Parameter object), as DDP and FSDP2 need; a no-op if it has it."""
         carrier = self._parameters[CARRIER]
@@ -344,6 +440,9 @@ class LowRankLinear(nn.Linear):
     def _apply(self, fn, recurse=True):
         # .to() / .half() of a stride-0 carrier would allocate it in full: keep it a free view instead
         super()._apply(fn, recurse)
+        scale = self._buffers.get(SCALE)
+        if scale is not None and scale.dtype != torch.float32:  # an int8 weight's scales stay fp32 under .half()
+            self._buffers[SCALE] = scale.float()
         carrier = self._parameters.get(CARRIER)
         if carrier is not None and not self._lowrank_dense_carrier and 0 not in carrier.stride():
             carrier.data = carrier_data(carrier.shape, carrier.dtype, carrier.device, dense=False)
@@ -402,30 +501,50 @@ class LowRankLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         carrier = getattr(self, CARRIER)
+        scale = self._buffers.get(SCALE)
         if not (torch.is_grad_enabled() and (carrier.requires_grad or x.requires_grad)):
-            return dense_linear(x, self.weight, self.bias, self._lowrank_transposed)
+            w = self.weight if scale is None else int8_weights.dequantize(self.weight, scale, carrier.dtype)
+            return dense_linear(x, w, self.bias, self._lowrank_transposed)
         spec = self.lowrank_spec
         D = omega = None
         if spec.basis != "svd":
-            D = basis_matrix(spec.basis, self.basis_size, basis_dtype(self.weight.dtype), self.weight.device)
+            D = basis_matrix(spec.basis, self.basis_size, basis_dtype(carrier.dtype), self.weight.device)
             if self._lowrank_control.sketch_rows:
                 omega = self._lowrank_control.sketch(self.other_size, spec.norm_p, self.weight.device)
         refresh = self._lowrank_refresh
         reducer = self._lowrank_control.score_reducer if refresh else None  # only refreshes talk to other processes
         return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), D, omega,
                                         spec.right, spec.basis, spec.norm_p, refresh,
-                                        self._lowrank_transposed, reducer, self._lowrank_control.score_dtype)
+                                        self._lowrank_transposed, reducer, self._lowrank_control.score_dtype, scale)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.pop(prefix + CARRIER, None)
+        if self.is_int8:  # the original key, as torchao's Int8Tensor over the codes and scales (no copy)
+            codes = self.weight if keep_vars else self.weight.detach()
+            destination[prefix + "weight"] = int8_weights.as_int8_tensor(codes, self.weight_scale, self.compute_dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        key = prefix + "weight"
+        own_weight = key in state_dict and (self.is_int8 or int8_weights.is_int8_tensor(state_dict[key]))
+        if own_weight:  # an Int8Tensor (bit for bit) or a float tensor (encoded)
+            value = state_dict[key]
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k != key}
+            if not isinstance(value, Tensor):
+                error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                                  f"object from checkpoint but received {type(value)}")
+            else:
+                try:
+                    with torch.no_grad():
+                        self.load_weight_(value)
+                except ValueError as e:
+                    error_msgs.append(f"size mismatch or wrong value for {key}: {e}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if prefix + CARRIER in missing_keys:
-            missing_keys.remove(prefix + CARRIER)
+        for name in (CARRIER, "weight") if own_weight else (CARRIER,):
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
 
     def extra_repr(self) -> str:
         s = self.lowrank_spec

@@ -158,3 +158,42 @@ def test_gather_columns_equals_indexing_the_basis(kind):
     got = B.gather_columns(D, idx)
     assert got.shape == (40, 5) and got.stride() == (1, 40)
     assert torch.equal(got, D[:, idx])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 15, 64, 192, 1024])
+def test_idct_rows_fft_inverts_the_dct_float64(n):
+    D = dct_basis(n)
+    X = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(B.idct_rows_fft(X), X @ D.t(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(B.idct_rows_fft(B.dct_rows_fft(X)), X, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [3, 64, 1024])
+def test_fft_projections_equal_the_gathered_matmul_float64(n):
+    gen = torch.Generator().manual_seed(n)
+    D = dct_basis(n)
+    idx = torch.randperm(n, generator=gen)[: max(1, n // 3)]
+    x = torch.randn(7, n, dtype=torch.float64, generator=gen)
+    u = torch.randn(6, idx.numel(), dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(B.project_rows_fft(x, idx), x @ D[:, idx], rtol=0, atol=1e-12)
+    torch.testing.assert_close(B.back_project_rows_fft(u, idx, n), u @ D[:, idx].t(), rtol=0, atol=1e-12)
+
+
+def test_use_fft_projection_rule_and_project_rows_dispatch(monkeypatch):
+    # the FFT only where the rank is large next to log2(n), and only for sizes the DCT itself goes by FFT
+    assert not B.use_fft_projection(1024, 256) and B.use_fft_projection(1024, 512)
+    assert B.use_fft_projection(4096, 512) and not B.use_fft_projection(192, 96)
+    assert not B.use_fft_projection(509, 500)  # a prime size: no fast FFT at all
+    D = B.basis_matrix("dct", 1024, torch.float32, torch.device("cpu"))
+    x = torch.randn(16, 1024, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = B.project_rows_fft
+    monkeypatch.setattr(B, "project_rows_fft", lambda *a: calls.append(1) or real(*a))
+    for r in (256, 512):
+        idx = torch.randperm(1024, generator=torch.Generator().manual_seed(r))[:r]
+        torch.testing.assert_close(B.project_rows("dct", x, D, idx), x @ D[:, idx], rtol=1e-4, atol=1e-4)
+    assert len(calls) == 1  # r = 512 only
+    idx = torch.arange(512)
+    R = B.basis_matrix("random", 1024, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(B.project_rows("random", x, R, idx), x @ R[:, idx])
+    assert len(calls) == 1  # a random basis never goes by FFT

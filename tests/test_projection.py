@@ -305,3 +305,23 @@ def test_score_dtype_float32_is_the_default_on_fp32_and_bf16_scores_keep_the_ene
     assert energy(idx16) >= 0.98 * energy(idx32)
     with pytest.raises(ValueError, match="score_dtype"):
         lrc.wrap_model(nn.Sequential(nn.Linear(96, 256)), rank=16, score_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_rank_r_grad_by_fft_projection_equals_dense_reference_float64(right):
+    """At a size and rank where basis.use_fft_projection takes the FFT (n = 1024, r = 512), the ordinary step's
+    rank-r gradient still equals the dense reference (full gradient, then projected) in float64."""
+    from lowrank_compile.basis import basis_matrix, use_fft_projection
+    from lowrank_compile.projection import rank_r_grad
+
+    n, other, T, r = 1024, 48, 40, 512
+    assert use_fft_projection(n, r)
+    gen = torch.Generator().manual_seed(1)
+    D = basis_matrix("dct", n, torch.float64, torch.device("cpu"))
+    idx = torch.randperm(n, generator=gen)[:r]
+    x2 = torch.randn(T, n if right else other, dtype=torch.float64, generator=gen)
+    g2 = torch.randn(T, other if right else n, dtype=torch.float64, generator=gen)
+    got = rank_r_grad(x2, g2, idx.clone(), D, right, "dct", 1, refresh=False)
+    G = g2.t() @ x2  # (out, in): the full gradient, only in the test
+    D_r = dct_basis(n)[:, idx]
+    torch.testing.assert_close(got, G @ D_r if right else D_r.t() @ G, rtol=0, atol=1e-11)
