@@ -12,18 +12,25 @@ processes.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["SCORE_BLOCK", "p_norms", "right_scores", "left_scores", "select_top_r", "select_right", "select_left",
+__all__ = ["SCORE_BLOCK", "REFRESH_BUDGET", "merge_block_for", "p_norms", "right_scores", "left_scores", "select_top_r", "select_right", "select_left",
            "norm_order", "block_size_for", "right_score_rows", "left_score_rows", "sketch_matrix", "right_sketch",
            "left_sketch", "sketch_norms", "sketched_right_scores", "sketched_left_scores"]
 
 # Basis columns per block of the score computation. 256 was as fast as the unblocked product on a
 # 2-core CPU (64 was slower); the block bounds the live slice to (256, out) or (256, in).
 SCORE_BLOCK = 256
+# The refresh budget: the largest block of the projected gradient a refresh holds at once, as a fraction of the
+# layer's full gradient (out x in). Below 1, so "the full weight gradient never exists" holds on refresh steps
+# too. Every blockwise scorer caps its blocks with it (block_size_for, merge_block_for). 0.75 keeps the one-pass
+# selection at two blocks where r <= n/4 (the r kept rows and a block of 2r); at 0.5 the 78M reference's
+# 1024-column layers at r = 256 needed four blocks and their exact refresh took 1.6-1.8x as long (CPU, 2 threads).
+REFRESH_BUDGET = 0.75
 
 
 def norm_order(norm: str) -> int:
@@ -85,11 +92,21 @@ def p_norms(s: Tensor, norm_p: int, dim: int) -> Tensor:
 
 
 def block_size_for(n: int, block: int) -> int:
-    """Basis columns per scored block out of n: at most `block`, and at most half of n.
+    """Basis columns per scored block out of n: at most `block`, and at most REFRESH_BUDGET of n (rounded up).
 
     So no block is the whole gradient; every blockwise scorer, the cross-process one included, uses this rule.
     """
-    return max(1, min(block, (n + 1) // 2))
+    return max(1, min(block, math.ceil(n * REFRESH_BUDGET)))
+
+
+def merge_block_for(n: int, r: int, block: int, device: torch.device) -> int:
+    """Basis columns per block of the one-pass exact selection, so that the r kept rows and one block stay within
+    the refresh budget. On a GPU the whole budget (the fewest, largest
+    GEMMs: its refresh is launch-bound); on a CPU max(block, 2r), where larger blocks measured no faster
+    (tools/fft_projection.py's machine: 4096 x 4096 at r = 512, blocks of 1024 and 2048 within noise) and each
+    merge keeps r of r + block rows (2r was fastest)."""
+    within_budget = max(1, math.ceil(n * REFRESH_BUDGET) - r)  # a merge holds the kept r rows and one block
+    return min(n if device.type == "cuda" else max(block, 2 * r), within_budget)
 
 
 def select_right(gy: Tensor, xd: Tensor, norm_p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
@@ -99,23 +116,25 @@ def select_right(gy: Tensor, xd: Tensor, norm_p: int, r: int, block: int = SCORE
     each block of G D is scored and merged into the best r columns kept so far, so at most the kept r and
     one block of columns exist at a time. Blocks are formed transposed, (b, out), so merges gather rows.
     """
-    idx, kept = _select_streaming(right_score_rows(gy, xd), xd.shape[1], norm_p, r, block)
+    idx, kept = _select_streaming(right_score_rows(gy, xd), xd.shape[1], norm_p, r, block, xd.device)
     return idx, kept.t().contiguous()
 
 
 def select_left(gd: Tensor, x: Tensor, norm_p: int, r: int, block: int = SCORE_BLOCK) -> tuple[Tensor, Tensor]:
     """Exact left selection and its rank-r gradient in one blockwise pass: (idx (r,), gd[:, idx]^T x (r, in))."""
-    return _select_streaming(left_score_rows(gd, x), gd.shape[1], norm_p, r, block)
+    return _select_streaming(left_score_rows(gd, x), gd.shape[1], norm_p, r, block, gd.device)
 
 
-def _select_streaming(rows_of, n: int, norm_p: int, r: int, block: int) -> tuple[Tensor, Tensor]:
+def _select_streaming(rows_of, n: int, norm_p: int, r: int, block: int, device: torch.device
+                      ) -> tuple[Tensor, Tensor]:
     """Blockwise top-r of the rows of rows_of(slice) (one row per basis index) by their p-norms.
 
     For distinct scores the result equals select_top_r on all n scores: the top r of a union is the top r of
     the top r of its parts. Ties at the r-th score may keep a different one of the tied rows.
     """
-    merge_block = block_size_for(n, max(block, 2 * r))  # each merge keeps r of r + block: 2r rows was fastest
-    if r + merge_block >= n:  # a merge would hold the whole gradient: score in blocks, then form the r rows
+    merge_block = merge_block_for(n, r, block, device)
+    if r + merge_block >= n or merge_block < r:  # merges would not fit the budget (or hold the whole gradient):
+        # score in blocks, then form the r rows
         idx = select_top_r(_block_scores(rows_of, n, norm_p, block), r)
         return idx, rows_of(idx)
     block = merge_block
