@@ -25,20 +25,25 @@ calls the functions below so that they do not:
    would drop the trained weights themselves: it is refused with an error (:func:`refuse_dropping_weights`).
 4. Under FSDP2 the optimizer keeps the states of local shards: ``state_dict()`` returns them as DTensors placed as
    their parameter (a projected layer's rank-r states as its carrier, whose shape and sharding they share), so DCP
-   reshards them onto any number of processes; ``load_state_dict`` takes the local shards back. Quantised moments
-   under FSDP2 are refused (their blocks follow the shards); DDP and one process save them as they are. Selections
-   and step counts are plain tensors, the same on every process (DCP stores one copy).
+   reshards them onto any number of processes; ``load_state_dict`` takes the local shards back. A quantised moment
+   is the DTensor of this process's torchao state itself, so DCP writes its codes and scales, never re-quantised
+   values: a resume on the same number of processes is bit-exact. Resharding goes through torchao's own row
+   slicing: exact for row-sharded states (right-projected layers, plain parameters) when every old and new shard
+   boundary is a quantisation-block boundary; column-sharded ones (left-projected layers) load only onto the
+   number of processes that wrote them. Selections and step counts are plain tensors, the same on every process
+   (DCP stores one copy).
 
-Recognising torch's callers (2, 3) reads the frames of torch.distributed.checkpoint.state_dict's functions by name
-(torch 2.13); tests/test_dcp.py checks every path.
+Recognising torch's callers: the lr-0 step (2) by what it does (:func:`is_state_init_step`); set_state_dict's given
+state dict (3) and get_state_dict's options only reach us through the frames of torch's functions, read by name
+(:func:`_torch_caller`, torch 2.13), which raises a clear error on a torch whose functions differ.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 from torch import Tensor
 
-from . import quant
 from .projection import CARRIER
 
 __all__ = ["is_state_init_step", "local_state_shape", "export_state_dict", "import_state_dict",
@@ -51,8 +56,37 @@ GLOBAL_STEP, PER_PROCESS = "global_step", "selections_per_process"
 GROUP_KEYS = (GLOBAL_STEP, PER_PROCESS)
 
 
+# The functions of torch.distributed.checkpoint.state_dict whose locals _torch_caller reads, with the names it reads
+_TORCH_LOCALS = {"_load_optim_state_dict": ("state_dict", "info"), "_get_model_state_dict": ("info",)}
+
+
+@functools.cache
+def _check_torch_internals() -> None:
+    """Raise RuntimeError if torch.distributed.checkpoint.state_dict lacks the functions (and their local names)
+    that _torch_caller looks for: a torch that renamed them would otherwise make those look-ups find nothing, and a
+    resume would silently leave the projected layers' states out."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(_TORCH_DSD)
+    for name, local_names in _TORCH_LOCALS.items():
+        code = getattr(inspect.unwrap(getattr(module, name, None) or (lambda: None)), "__code__", None)
+        if code is None or code.co_name != name or not set(local_names) <= set(code.co_varnames):
+            import torch
+            raise RuntimeError(
+                f"lowrank_compile's support for torch.distributed.checkpoint was written for torch 2.13, whose "
+                f"{_TORCH_DSD}.{name} has the locals {local_names}; torch {torch.__version__} does not, so "
+                "get_state_dict / set_state_dict cannot be served correctly. Use lowrank_compile.save_optimizer / "
+                "load_optimizer (one process, DDP), or a torch version lowrank_compile supports")
+
+
 def _torch_caller(name: str, depth: int = 12) -> dict | None:
-    """The local variables of torch.distributed.checkpoint.state_dict's function `name` if it is among our callers."""
+    """The local variables of torch.distributed.checkpoint.state_dict's function `name` if it is among our callers.
+
+    Frame inspection, because what these callers know (set_state_dict's given state dict before torch filters it,
+    get_state_dict's StateDictOptions) reaches the optimizer and the model's state-dict hooks by no other way.
+    :func:`_check_torch_internals` makes a torch that changed these functions an error, not a silent miss."""
+    _check_torch_internals()
     frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
@@ -97,10 +131,17 @@ def local_state_shape(opt, p: Tensor) -> tuple[int, ...]:
 
 
 def is_state_init_step(opt) -> bool:
-    """Whether this step() call is torch's ``_init_optim_state`` on an optimizer without states (all lr 0)."""
-    if any(opt.state.values()) or any(float(g["lr"]) != 0.0 for g in opt.trained_groups):
+    """Whether this step() call is torch's ``_init_optim_state``, recognised by what it does, not by who calls: on an
+    optimizer that has never stepped (no state, step counter and micro-batch count 0) every lr is 0 and every
+    parameter that requires grad holds a gradient of zeros (torch sets them with zeros_like; a projected weight's
+    carrier gets none, as no backward ran). A user's step matching all of this would not change any weight either;
+    it is taken as the same request: create the states, count nothing."""
+    if any(opt.state.values()) or opt.global_step or opt.micro_step:
         return False
-    return _torch_caller("_init_optim_state") is not None
+    if any(float(g["lr"]) != 0.0 for g in opt.trained_groups):
+        return False
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    return all(g is not None and not _local(g).any() for g in grads)
 
 
 def _per_process(opt) -> int:
@@ -126,17 +167,7 @@ def export_state_dict(opt, sd: dict) -> dict:
             continue
         state = sd["state"][i] = dict(state)  # the optimizer's own state dict stays as it is
         for key in ("exp_avg", "exp_avg_sq"):
-            s = state[key]
-            if quant.is_quantized(s):
-                # its blocks (one scale per 256 values of this process's flattened shard) follow the sharding; sent
-                # by value and quantised again, a block whose largest value is negative comes back with another
-                # scale (torchao's signed map ends at -0.993), so a resume would not be exact
-                raise NotImplementedError(
-                    f"{opt.param_names.get(p, 'a parameter')}: quantised Adam states (state_dtype "
-                    f"{opt.trained_groups[0]['state_dtype']!r}) under FSDP2 cannot be saved with "
-                    "torch.distributed.checkpoint yet: their quantisation blocks follow each process's shard. Use "
-                    "state_dtype 'fp32' or 'bf16' with FSDP2, or DDP (which saves quantised states exactly)")
-            state[key] = _dtensor_type().from_local(s, like.device_mesh, like.placements, run_check=False,
+            state[key] = _dtensor_type().from_local(state[key], like.device_mesh, like.placements, run_check=False,
                                                     shape=like.shape, stride=like.stride())
     return sd
 
@@ -189,6 +220,28 @@ def _recover_dropped(opt, sd: dict) -> None:
                                 for k, v in state.items()}
 
 
+def _refuse_dropped_projected_states(opt, sd: dict) -> None:
+    """Raise ValueError for a state dict of a trained optimizer that holds states for plain parameters but for no
+    projected weight: what torch's set_state_dict passes on when _recover_dropped did not recognise it (a trained
+    LowRankAdamW has states for every projected layer that ever had a gradient). Loading it would silently restart
+    every layer's selection and moments."""
+    if not isinstance(sd.get(GLOBAL_STEP), int) or sd[GLOBAL_STEP] == 0:
+        return
+    has = {True: False, False: False}
+    for saved, group in zip(sd["param_groups"], opt.trained_groups):
+        if not isinstance(saved, dict):
+            return
+        for i, p in zip(saved.get("params", ()), group["params"]):
+            if sd["state"].get(i):
+                has[p in opt.layers] = True
+    if has[False] and not has[True] and opt.layers:
+        raise ValueError(
+            "this optimizer state dict has states for the plain parameters but none for the projected weights, as "
+            "torch's set_state_dict passes it on (a projected weight is requires_grad=False while wrapped); "
+            "lowrank_compile did not find the state dict set_state_dict was given, so it cannot put them back. Call "
+            "opt.load_state_dict with the whole state dict, or use the torch version lowrank_compile supports")
+
+
 def _shard_of(full: Tensor, like: Tensor) -> Tensor:
     """This process's shard of a whole tensor, placed as `like` (a DTensor), without communication."""
     if not _is_dtensor(like) or _is_dtensor(full):
@@ -213,6 +266,7 @@ def import_state_dict(opt, sd: dict) -> dict:
     step = _group_step(groups)
     if GLOBAL_STEP not in sd and step is not None:
         sd[GLOBAL_STEP] = step
+    _refuse_dropped_projected_states(opt, sd)
     per_process = {g.get(PER_PROCESS, 0) for g in groups}
     saved_world = max(per_process) if per_process else 0
     if saved_world and saved_world != _world_size():

@@ -5,7 +5,7 @@ Every update stays local to a shard: right-projected layers shard rows, left-pro
 before each updating step and the reduce-scattered gradients moved onto the tensors it reads, and back at
 FSDP's sharded parameters after it, as torch.distributed.checkpoint expects (:class:`_FsdpGrads`); the refresh bookkeeping hook is put on FSDP's unsharded carrier, which is what
 autograd sees. fused=True is refused: FSDP2 reduce-scatters after each unit's backward, outside the
-in-backward hooks.
+in-backward hooks. :func:`release_layer` undoes what prepare_fsdp did to a layer, for ``unwrap_model``.
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import dataclasses
 import weakref
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .projection import CARRIER, LowRankLinear
 from .refresh_sync import join_group
 
-__all__ = ["shard_placement", "prepare_fsdp"]
+__all__ = ["shard_placement", "prepare_fsdp", "release_layer"]
 
 
 def shard_placement(model: nn.Module) -> Callable[[nn.Parameter], object]:
@@ -55,6 +56,8 @@ class _FsdpSlot:
 # layer -> ids of the unsharded carriers that have its bookkeeping hook (kept here, not on the layer). Not a
 # WeakSet of carriers: its membership test compares a carrier with itself by Tensor.__eq__, which raises.
 _HOOKED: weakref.WeakKeyDictionary[LowRankLinear, set[int]] = weakref.WeakKeyDictionary()
+# layer -> the handle of its _hook_unsharded_carrier forward pre-hook (release_layer removes it)
+_PRE_HOOKS: weakref.WeakKeyDictionary[LowRankLinear, object] = weakref.WeakKeyDictionary()
 
 
 def _hook_unsharded_carrier(layer: LowRankLinear, args) -> None:
@@ -79,12 +82,17 @@ class _FsdpGrads:
         self.opt = opt
         self.slots = slots
 
+    def _unwrapped(self) -> bool:
+        return any(slot.layer is not None and not isinstance(slot.layer, LowRankLinear) for slot in self.slots)
+
     def before_step(self, opt, args, kwargs) -> None:
         if hasattr(opt, "grad_scale") or hasattr(opt, "found_inf"):  # torch.amp.GradScaler.step is calling
             raise RuntimeError(
                 "torch.amp.GradScaler with prepare_fsdp (FSDP2) is not supported: the rank-r gradients live in "
                 "sharded carriers whose infs each process would see only for its own shard. Train in bf16 (no "
                 "scaler) under FSDP2, or use prepare_ddp with fp16 and a GradScaler.")
+        if self._unwrapped():
+            return  # unwrap_model ran: step() itself refuses
         self.after_step(opt, args, kwargs)
         if opt.micro_step + 1 < opt.accumulate:
             return  # this step() call only counts a micro-batch
@@ -106,6 +114,8 @@ class _FsdpGrads:
         """Between steps the optimizer holds FSDP's sharded parameters (DTensors) again, as torch's
         get_state_dict / set_state_dict expect (they name states by the model's parameters); its states stay
         those of the local shards (dcp.py returns them as DTensors from state_dict())."""
+        if self._unwrapped():
+            return
         for slot in self.slots:
             if slot.layer is not None:
                 slot.layer.__dict__.pop(CARRIER, None)
@@ -186,9 +196,39 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
     fully_shard(model, **kwargs)
 
     for layer in control.layers:
-        layer.register_forward_pre_hook(_hook_unsharded_carrier)
+        _PRE_HOOKS[layer] = layer.register_forward_pre_hook(_hook_unsharded_carrier)
     grads = _FsdpGrads(opt, slots)
     grads.after_step(opt, (), {})  # the optimizer holds the sharded parameters from now on
     opt.register_step_pre_hook(grads.before_step)
     opt.register_step_post_hook(grads.after_step)
     return model
+
+
+def release_layer(model: nn.Module, layer: LowRankLinear) -> None:
+    """Undo prepare_fsdp for one projected layer of `model` before ``unwrap_model`` turns it back into nn.Linear:
+    remove the carrier hook and take the carrier out of the FSDP2 unit that manages it, so FSDP no longer
+    all-gathers it nor puts it back on the layer at each reshard. The weight stays an FSDP-managed sharded
+    parameter; FSDP gives its unsharded parameter the sharded one's requires_grad at the next all-gather.
+
+    FSDP2 has no public way to drop a parameter from a unit: this edits the unit's list of managed parameters
+    (``FSDPParamGroup.fsdp_params``, torch 2.13), between steps, when every parameter is sharded; a torch whose
+    FSDP2 lacks these names raises RuntimeError instead of leaving the carrier half-managed.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    handle = _PRE_HOOKS.pop(layer, None)
+    if handle is not None:
+        handle.remove()
+    _HOOKED.pop(layer, None)
+    for unit in model.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", None)
+        if groups is None:
+            raise RuntimeError("unwrap_model after prepare_fsdp: this torch's FSDP2 has no _fsdp_param_groups "
+                               f"(written for torch 2.13, running {torch.__version__}), so the rank-r carriers "
+                               "cannot be taken out of it. Load a DCP checkpoint into an unwrapped model instead "
+                               "(docs/DISTRIBUTED.md, 'Checkpoints')")
+        for group in groups:
+            group.fsdp_params = [fp for fp in group.fsdp_params
+                                 if not (fp._module_info.module is layer and fp._module_info.param_name == CARRIER)]
