@@ -13,8 +13,9 @@ from .config import LowRankConfig
 from .optimizer import LowRankAdamW
 from .projection import LowRankLinear
 from .summary import summary
+from .weights_io import export_weights, load_weights
 from .wrap import is_wrapped, unwrap_model, wrap_model
 
 __all__ = ["wrap_model", "unwrap_model", "is_wrapped", "LowRankAdamW", "LowRankConfig", "LowRankLinear",
-           "save_optimizer", "load_optimizer", "CheckpointError", "compile_blocks", "summary", "__version__"]
+           "save_optimizer", "load_optimizer", "CheckpointError", "load_weights", "export_weights", "compile_blocks", "summary", "__version__"]
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)

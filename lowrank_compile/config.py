@@ -8,13 +8,16 @@ from typing import Callable, Mapping
 
 import torch
 
-__all__ = ["LowRankConfig", "BASES", "NORMS", "STATE_POLICIES", "STATE_DTYPES", "REFRESH_SYNC_MODES",
+__all__ = ["LowRankConfig", "BASES", "NORMS", "STATE_POLICIES", "STATE_DTYPES", "WEIGHT_DTYPES", "REFRESH_SYNC_MODES",
            "DEFAULT_UPDATE_GAP", "check_rank", "resolve_rank"]
 
 BASES = ("dct", "svd", "random")
 NORMS = ("l1", "l2")
 STATE_POLICIES = ("match", "keep", "reset")
 STATE_DTYPES = ("fp32", "bf16", "int8", "int4", "fp8")  # "int8" | "int4" | "fp8": torchao subclasses (quant.py)
+# How projected layers' weights are stored: None keeps the model's own dtype; "int8": block-wise int8 codes and
+# fp32 scales (int8_weights.py)
+WEIGHT_DTYPES = (None, "int8")
 # dtypes the refresh's score products may run in (score_dtype); torch.float32 ranks as the reference does
 SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # How the processes of a data-parallel job agree on a refresh (lowrank_compile.distributed); "auto" picks.
@@ -60,6 +63,7 @@ class LowRankConfig:
     refresh_sync: str = "auto"
     stagger: bool = False
     score_dtype: torch.dtype | None = dataclasses.field(default=None, metadata={"saved": False})
+    weight_dtype: str | None = None
 
     def __post_init__(self):
         # normalise the forms wrap_model accepts: a betas list, a layer_rank mapping
@@ -110,6 +114,9 @@ class LowRankConfig:
         if self.score_dtype not in (None,) + SCORE_DTYPES:
             raise ValueError(f"score_dtype must be None (each layer's compute dtype) or one of {SCORE_DTYPES}, got "
                              f"{self.score_dtype!r}")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be None (the model's own dtype) or 'int8' (block-wise int8 codes for "
+                             f"the projected layers' weights), got {self.weight_dtype!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ValueError(f"filter_fn must be a callable (module, fqn) -> bool or None, got {self.filter_fn!r}")
 

@@ -179,6 +179,12 @@ class LowRankAdamW(torch.optim.Optimizer):
         states, layer and name follow."""
         if old is new:
             return
+        layer = self._layers.get(old)
+        if layer is not None and layer.is_int8:
+            raise NotImplementedError(
+                f"{self._names.get(old, 'a projected weight')} is stored as int8 (weight_dtype='int8'), which FSDP2 "
+                "cannot shard: its block scales would not follow the shards. Use weight_dtype=None with "
+                "prepare_fsdp, or prepare_ddp (replicated int8 weights stay identical: their rounding is seeded)")
         group = self._group_of.pop(old)
         params = group["params"]
         params[next(i for i, q in enumerate(params) if q is old)] = new
@@ -483,7 +489,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         fn([p], [layer.lowrank_grad.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [layer.columns(cdt)],
            [state["step"]], scale=group["scale"], right=layer.lowrank_spec.right, skips=self._skips_on(p.device),
            rounding=[self._rounding(p, group, state, whole)], match=[self._pending_match.pop(p, None)],
-           product_dtype=p.dtype if whole and p.dtype == torch.bfloat16 else None, **self._hyper(group, whole))
+           product_dtype=p.dtype if whole and p.dtype == torch.bfloat16 else None,
+           scales=[layer.weight_scale] if layer.is_int8 else None, **self._hyper(group, whole))
 
     def _follow_refresh(self, p: Tensor, state: dict, layer: LowRankLinear, policy: str) -> None:
         """Bring the states of one layer into its newly selected basis (METHOD.md section 4).
@@ -521,7 +528,11 @@ class LowRankAdamW(torch.optim.Optimizer):
         return fn
 
     def _rounding(self, p: Tensor, group: dict, state: dict, compiled_update: bool):
-        """How bf16 weight p is rounded at its coming update (quant.write_back_rounding), or None."""
+        """How bf16 weight p is rounded at its coming update (quant.write_back_rounding), or None. An int8 weight
+        (its codes) always takes the counter base (quant.counter_base): its noise is hashed from (seed, index,
+        step) in the update itself, eager or compiled, with no host read."""
+        if p.dtype == torch.int8 and group.get("stochastic_round", True):
+            return quant.counter_base(int(group.get("seed", 0)), self._index[p])
         if p.dtype != torch.bfloat16 or not group.get("stochastic_round", True):
             return None
         return quant.write_back_rounding(int(group.get("seed", 0)), self._index[p], state["step"], p.device,

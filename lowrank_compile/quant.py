@@ -37,7 +37,7 @@ from . import _torchao
 __all__ = ["STATE_KINDS", "BLOCK_SIZE", "MIN_QUANT_NUMEL", "storage_kind", "fallback_reason", "check_available",
            "new_state", "kind_of", "is_quantized", "dequantize", "zero_", "state_parts", "part_specs",
            "state_from_parts", "state_nbytes", "rounding_key", "rounding_generator", "counter_base",
-           "counter_key", "write_back_rounding", "round_to_bf16"]
+           "counter_key", "counter_uniform", "write_back_rounding", "round_to_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +239,21 @@ def round_to_bf16(x: Tensor, rounding: torch.Generator | Tensor | None = None, o
     if isinstance(rounding, torch.Generator):
         noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=rounding)
     else:
-        counter = torch.arange(offset, offset + x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
-        noise = (_hash32(_hash32(counter ^ rounding) ^ _hash32(rounding ^ 0x5BD1E995)) >> 16).to(torch.int32)
+        noise = (_counter_bits(rounding, offset, x.shape, x.device) >> 16).to(torch.int32)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: 0xFFFF0000
+
+
+def _counter_bits(key: Tensor, offset: int, shape, device) -> Tensor:
+    """32 random bits (int64 in [0, 2^32)) for each element of a tensor of `shape`: a hash of the 0-d int64 key
+    (counter_key) and the element's flat index offset + i. Pure tensor ops: traceable, no host read."""
+    counter = torch.arange(offset, offset + math.prod(shape), dtype=torch.int64, device=device).view(shape)
+    return _hash32(_hash32(counter ^ key) ^ _hash32(key ^ 0x5BD1E995))
+
+
+def counter_uniform(key: Tensor, offset: int, shape, device) -> Tensor:
+    """Uniform fp32 noise in [0, 1) (24-bit resolution) from the same counter hash as :func:`round_to_bf16`, for
+    the stochastic rounding of int8 weights (int8_weights.py): element i of the result is keyed by offset + i."""
+    return (_counter_bits(key, offset, tuple(shape), device) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:

@@ -141,11 +141,13 @@ def summary(opt) -> str:
     for group in opt.trained_groups:
         for p in group["params"]:
             shape = quant.state_shape(opt, p)
-            ours += _moment_bytes(shape, p.dtype, group["state_dtype"])
-            adamw += 2 * p.numel() * p.element_size()
+            dtype = layers[p].compute_dtype if p in layers else p.dtype  # an int8 weight computes in its old dtype
+            size = dtype.itemsize
+            ours += _moment_bytes(shape, dtype, group["state_dtype"])
+            adamw += 2 * p.numel() * size
             if p in layers:
-                low_grads += torch.Size(shape).numel() * p.element_size()
-                full_grads += p.numel() * p.element_size()
+                low_grads += torch.Size(shape).numel() * size
+                full_grads += p.numel() * size
                 continue
             reason = seen.reasons.get(id(p), "not projected") if seen else "not projected"
             entry = plain[reason]
@@ -169,6 +171,12 @@ def summary(opt) -> str:
                  f"({adamw / max(ours, 1):.1f}x smaller)")
     lines.append(f"  weight grads: {_mib(low_grads)} rank-r for the projected layers, {_mib(full_grads)} full: "
                  f"{low_grads / max(full_grads, 1):.2f}x")
+    int8 = [(w, layer) for w, layer in layers.items() if layer.is_int8]
+    if int8:
+        stored = sum(w.numel() + layer.weight_scale.numel() * 4 for w, layer in int8)
+        dense = sum(w.numel() * layer.compute_dtype.itemsize for w, layer in int8)
+        lines.append(f"  weights:      int8 in {len(int8)} projected layers: {_mib(stored)} with their scales, "
+                     f"{_mib(dense)} in {str(int8[0][1].compute_dtype)[6:]}")
     if compiles_updates(opt):
         lines.append("  compile:      the state updates are torch.compile'd at the first step "
                      "(about 30 s the first time)")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import quant
+from . import int8_weights, quant
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ def _rounding(source, step: Tensor):
 
 
 def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, rounding=None,
-                  max_elems: int | None = None, product_dtype: torch.dtype | None = None) -> None:
+                  max_elems: int | None = None, product_dtype: torch.dtype | None = None,
+                  scale: Tensor | None = None) -> None:
     """W <- decay W + back(u), back(u) = u D_r^T (right) or D_r u (left): decay and back-projection, in one place.
 
     u is the step already scaled (-lr scale times Adam's direction). decay: None (no decay) or the factor
@@ -198,7 +199,18 @@ def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, ro
     temporary. A low-precision W is computed in fp32 row chunks of at most max_elems elements (default
     UPDATE_CHUNK_ELEMS) and rounded once per element (see write_back_). product_dtype: the dtype of the back-projection GEMM of a low-precision W (default
     fp32; bf16 runs it on tensor cores, used inside compiled graphs, where its result feeds the fused update).
+    scale: an int8 weight's block scales (w then holds its codes): each fp32 row chunk is written back by
+    int8_weights.write_rows_ (stochastically rounded when `rounding` is a counter key, re-scaling only blocks
+    whose range changed enough).
     """
+    if scale is not None:
+        u, D_r = u.float(), D_r.float()
+        row = w.shape[1]
+        for start, (w_rows, s_rows, factor) in row_chunks((w, scale, u if right else D_r),
+                                                          max_elems or UPDATE_CHUNK_ELEMS):
+            delta = factor @ D_r.t() if right else factor @ u  # (rows, r) @ (r, in): this chunk's update
+            int8_weights.write_rows_(w_rows, s_rows, delta, decay, rounding, start * row)
+        return
     if w.dtype in (torch.float32, torch.float64):
         if decay is not None:
             w.mul_(decay)
@@ -223,7 +235,8 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
                    D_rs: list[Tensor], steps: list[Tensor], lr: Tensor, weight_decay: float, beta1: float,
                    beta2: float, eps: float, scale: float, right: bool, rounding: list | None = None,
                    match: list[tuple | None] | None = None, product_dtype: torch.dtype | None = None,
-                   direction: Callable = None, skips: Tensor | None = None) -> None:
+                   direction: Callable = None, skips: Tensor | None = None,
+                   scales: list[Tensor] | None = None) -> None:
     """Low-rank AdamW, in place: W (1 - lr wd) - lr scale back(u), for lists of same-shape projected layers.
 
     grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); D_rs: each layer's D_r, (n, r) in fp32 (fp64 for fp64
@@ -233,7 +246,8 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     product_dtype: see back_project_. direction: the moments function (default moments_direction; the optimizer
     passes a compiled one for quantised states when the rest runs eagerly). skips: None, or a 0-d int64 counter:
     a layer whose gradient is not finite then keeps its weight and states (its step count still advances) and
-    is counted there.
+    is counted there. scales: per weight, None or an int8 weight's block scales (its codes are in weights; see
+    back_project_); rounding is then a quant.counter_base tensor or None (to nearest).
     """
     direction = direction or moments_direction
     guards = guard_list(grads, skips, beta1, beta2, exp_avgs[0])
@@ -243,7 +257,7 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
         decay = None if weight_decay == 0 else 1 - lr * weight_decay
         decay = guarded_decay(decay, guards[i], w.dtype if w.dtype == torch.float64 else torch.float32, w.device)
         back_project_(w, u.mul_(-lr * scale), D_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
-                      product_dtype=product_dtype)
+                      product_dtype=product_dtype, scale=None if scales is None else scales[i])
 
 
 def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

@@ -53,6 +53,7 @@ def wrap_model(
     refresh_sync: str = _D.refresh_sync,
     stagger: bool = _D.stagger,
     score_dtype: torch.dtype | None = _D.score_dtype,
+    weight_dtype: str | None = _D.weight_dtype,
     verbose: bool = False,
 ) -> LowRankAdamW:
     """Project the weight gradients of a model's nn.Linear layers to rank r and return its optimizer.
@@ -122,6 +123,18 @@ def wrap_model(
             each layer's compute dtype (its gradients' dtype); torch.float32 ranks as the reference does;
             torch.bfloat16 runs them on a GPU's tensor cores. The rank-r gradient itself is always formed in the
             compute dtype.
+        weight_dtype: None (default) keeps every weight in the model's dtype. "int8" stores each projected layer's
+            weight as block-wise int8 codes with fp32 scales (lowrank_compile/int8_weights.py: blocks of 128 along
+            the input dim, 1.03 bytes a weight): forward and the input gradient dequantise one layer at a time
+            (weight-only: activations stay in the compute dtype, no int8 matmul kernel), and each update is
+            written back in fp32 row chunks with stochastic rounding keyed by (seed, parameter, step). Everything
+            else keeps the model's dtype and plain AdamW (states in state_dtype): embeddings (a lookup table's rows
+            are updated sparsely and its AdamW states are what state_dtype shrinks; at 7B it is 2% of the
+            weights), norms and biases (tiny, and sensitive), and an lm_head that is not projected (e.g. tied to
+            the embedding). An lm_head that is projected is int8 like any projected layer. ``state_dict()`` shows
+            an int8 weight as torchao's Int8Tensor (codes and scales, ``.dequantize()``); ``load_state_dict``
+            takes it back bit for bit, or a float tensor (encoded). A model built on the meta device can be
+            wrapped and then filled by :func:`lowrank_compile.load_weights`, which encodes layer by layer.
         verbose: print :func:`lowrank_compile.summary` of the result (on rank 0 only when torch.distributed
             is initialised). It is logged at INFO either way.
 
@@ -148,7 +161,8 @@ def wrap_model(
                            "(wrapping again makes a fresh optimizer)")
 
     plan = _plan(model, config)
-    quant.check_available(config.state_dtype, plan[0][1].weight.device)
+    device = plan[0][1].weight.device
+    quant.check_available(config.state_dtype, "cpu" if device.type == "meta" else device)
     control = RefreshControl(config.update_gap, sketch_rows=config.sketch_rows, seed=config.seed,
                              stagger=config.stagger, score_dtype=config.score_dtype)
     layers: dict[torch.Tensor, LowRankLinear] = {}
@@ -168,6 +182,9 @@ def _build(model: nn.Module, config: LowRankConfig, plan, control: RefreshContro
     for fqn, linear, spec in plan:
         layer = _lowrank_class(linear).wrap(linear, spec, control, dense_carrier=dense_carriers)
         layers[layer.weight] = layer
+    if config.weight_dtype == "int8":  # after every swap succeeded: an error above leaves the weights exact
+        for layer in layers.values():
+            layer.store_int8_()
     projected = set(layers)
     carriers = {id(layer.lowrank_grad) for layer in layers.values()}
     decay, no_decay = [], []
@@ -200,19 +217,14 @@ def _undo(control: RefreshControl) -> None:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Turn every LowRankLinear of a wrapped model back into a plain nn.Linear (trained values, same keys).
 
-    Returns the model. The optimizer made by wrap_model refuses further steps afterwards, and its
-    in-backward updates (fused=True) are removed. A model sharded by prepare_fsdp raises RuntimeError (load its
-    DCP checkpoint into a plain model instead).
+    Returns the model. int8 weights (weight_dtype="int8") come back dequantised in the dtype the model had before
+    wrapping, which needs that full-precision memory (lowrank_compile.export_weights writes them out a shard at a
+    time instead). The optimizer made by wrap_model refuses further steps afterwards, and its
+    in-backward updates (fused=True) are removed. After prepare_fsdp the layers stay FSDP2-sharded: their
+    weights remain FSDP's sharded parameters (now trainable by any optimizer); the rank-r carriers leave FSDP.
     """
-    from . import dcp
+    from . import dcp, fsdp
 
-    if any(isinstance(m, LowRankLinear) and hasattr(m.weight, "device_mesh") for m in model.modules()):
-        raise RuntimeError(
-            "unwrap_model after prepare_fsdp: FSDP2 now owns the layers' parameters (the rank-r carriers included), "
-            "so they cannot be taken out of it. To get a plain model, save a checkpoint with "
-            "torch.distributed.checkpoint and load its model part into an unwrapped, unsharded model: "
-            "sd = get_model_state_dict(plain); dcp.load({'model': sd}, checkpoint_id=path); plain.load_state_dict(sd) "
-            "(docs/DISTRIBUTED.md, 'Checkpoints')")
     for module in list(model.modules()):
         if isinstance(module, LowRankLinear):
             control = module.refresh_control
@@ -220,6 +232,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
                 handle.remove()
             control.hooks.clear()
             dcp.release_layer(module)
+            if hasattr(module.weight, "device_mesh"):  # sharded by prepare_fsdp
+                fsdp.release_layer(model, module)
             module.unwrap()
     return model
 
