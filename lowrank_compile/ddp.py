@@ -1,7 +1,7 @@
 """DistributedDataParallel for a wrapped model: :func:`prepare_ddp`, fused updates per bucket, comm counting.
 
-:func:`prepare_ddp` builds the DDP module, keeps the layers' index buffers out of DDP's per-step buffer
-broadcast, and with ``fused=True`` moves the in-backward updates into a DDP communication hook, so each
+:func:`prepare_ddp` builds the DDP module, keeps the layers' index buffers and int8 scales out of DDP's
+per-step buffer broadcast, and with ``fused=True`` moves the in-backward updates into a DDP communication hook, so each
 bucket's parameters are updated as soon as that bucket's all-reduce has finished. The in-backward hooks
 alone would update from un-reduced gradients, so until prepare_ddp takes them over a fused optimizer in a
 multi-process job runs :func:`refuse_unreduced_updates`' guard instead (wrap_model installs it).
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .projection import INDEX, SVD_BASIS, LowRankLinear
+from .projection import INDEX, SCALE, SVD_BASIS, LowRankLinear
 from .refresh_sync import join_group
 
 __all__ = ["prepare_ddp", "CommCounter", "counting_allreduce_hook", "refuse_unreduced_updates"]
@@ -56,9 +56,21 @@ def refuse_unreduced_updates(opt) -> None:
                                     for target, _ in _hook_targets(opt)]
 
 
-def _index_buffer_names(model: nn.Module) -> list[str]:
-    return [f"{fqn}.{name}" if fqn else name for fqn, m in model.named_modules() if isinstance(m, LowRankLinear)
-            for name in (INDEX, SVD_BASIS) if name in m._buffers]
+def _own_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """fqn -> buffer of the projected layers' own buffers, identical on every process by construction: the index
+    buffers (or svd bases), changed only by refreshes the processes agree on, and an int8 weight's block scales,
+    changed only by the seeded write-back."""
+    return {f"{fqn}.{name}" if fqn else name: buf for fqn, m in model.named_modules() if isinstance(m, LowRankLinear)
+            for name, buf in m.named_buffers(recurse=False) if name in (INDEX, SVD_BASIS, SCALE)}
+
+
+def _sync_scales(model: nn.Module, group, ddp_kwargs: dict) -> None:
+    """Broadcast the int8 block scales from the group's first process once, as DistributedDataParallel does at
+    construction for the codes (parameters) it syncs: ignored buffers are left out of that sync too."""
+    scales = [buf for name, buf in _own_buffers(model).items() if name.rsplit(".", 1)[-1] == SCALE]
+    if scales and ddp_kwargs.get("init_sync", True) and dist.get_world_size(group) > 1:
+        for scale in scales:
+            dist.broadcast(scale, group=group, group_src=0)
 
 
 @dataclasses.dataclass
@@ -108,8 +120,9 @@ def prepare_ddp(model: nn.Module, opt, *, refresh_sync: str | None = None, comm_
                 comm_hook_state: object = None, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
     """Wrap `model` (already wrapped by :func:`lowrank_compile.wrap_model`) in DistributedDataParallel.
 
-    - The layers' index buffers (identical on every process by construction) are kept out of DDP's buffer
-      broadcast, which would otherwise send them before every forward.
+    - The layers' index buffers and int8 block scales (identical on every process by construction) are kept out
+      of DDP's buffer broadcast, which would otherwise send them before every forward (the scales are broadcast
+      once here instead, as DDP does at construction for the int8 codes). Other buffers are broadcast as usual.
     - refresh_sync: "exact", "cheap" or "local" installs that reducer on DDP's process group; None (default)
       keeps what wrap_model installed, or installs the default ("exact") if it installed none.
     - fused=True: the optimizer's in-backward updates move into a communication hook that runs each
@@ -132,8 +145,9 @@ def prepare_ddp(model: nn.Module, opt, *, refresh_sync: str | None = None, comm_
 
     group = ddp_kwargs.get("process_group")
     join_group(opt, refresh_sync, group)
+    _sync_scales(model, group, ddp_kwargs)
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    ignored += [name for name in _index_buffer_names(model) if name not in ignored]
+    ignored += [name for name in _own_buffers(model) if name not in ignored]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     fused = opt.fused
     if fused:

@@ -180,6 +180,13 @@ def prepare_fsdp(model: nn.Module, opt, *, units: list[nn.Module] | tuple = (), 
         raise ValueError("fused=True is not supported with FSDP2: its gradients are reduce-scattered after each "
                          "unit's backward, outside the in-backward hooks. Wrap with fused=False (or use DDP "
                          "through lowrank_compile.distributed.prepare_ddp, which supports fused=True).")
+    int8 = [opt.param_names.get(w, "a projected weight") for w, layer in opt.layers.items() if layer.is_int8]
+    if int8:  # before anything (carriers, reducers, fully_shard) touches the model
+        raise NotImplementedError(
+            f"{len(int8)} projected weight(s) ({', '.join(int8[:3])}{', ...' if len(int8) > 3 else ''}) are stored "
+            "as int8 (weight_dtype='int8'), which FSDP2 cannot shard: their block scales would not follow the "
+            "shards. Use weight_dtype=None with prepare_fsdp, or prepare_ddp (replicated int8 weights stay "
+            "identical: their rounding is seeded). The model and optimizer are unchanged.")
     if any(opt.state.values()):
         raise RuntimeError("prepare_fsdp must run before the optimizer's first step (its states would stay "
                            "full-size); call it right after wrap_model")

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from . import quant
 
-__all__ = ["BLOCK", "QMAX", "block_size", "scale_shape", "quantize", "dequantize", "empty_storage", "write_rows_",
-           "as_int8_tensor", "is_int8_tensor"]
+__all__ = ["BLOCK", "QMAX", "block_size", "scale_shape", "quantize", "dequantize", "dequantize_t", "empty_storage",
+           "write_rows_", "as_int8_tensor", "is_int8_tensor"]
 
 BLOCK = 128  # elements per scale, along each stored row (see the measurement above)
 QMAX = 127  # codes in [-QMAX, QMAX]
@@ -99,6 +99,23 @@ def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32)
 
     out = torch.float32 if dtype == torch.float64 else dtype
     w = dequantize_affine(codes, (1, block_size(codes.shape[1])), scale, None, torch.int8, -QMAX, QMAX,
+                          output_dtype=out)
+    return w if out == dtype else w.to(dtype)
+
+
+def dequantize_t(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """dequantize(codes, scale, dtype).t(), (cols, rows), with the same bits, formed from the transposed codes.
+
+    Backward's dequantisation. torch.compile runs CSE over the joint forward-backward graph: a backward that
+    repeated forward's dequantize(codes, scale) would be merged with it, and the partitioner then saved the
+    full-precision weight of every layer for backward (measured: 4 bytes per weight element held from forward to
+    backward instead of none). Starting from codes.t(), these ops are not forward's, and backward dequantises
+    from the codes it saved.
+    """
+    from torchao.quantization.quant_primitives import dequantize_affine
+
+    out = torch.float32 if dtype == torch.float64 else dtype
+    w = dequantize_affine(codes.t(), (block_size(codes.shape[1]), 1), scale.t(), None, torch.int8, -QMAX, QMAX,
                           output_dtype=out)
     return w if out == dtype else w.to(dtype)
 

@@ -9,6 +9,11 @@ are re-selected from x and gy blockwise (see selection.py) and the new indices i
 layer's index buffer (``lowrank_idx``) in place, inside backward. Names follow METHOD.md: D the full (n, n)
 basis, idx the r selected indices, D_r = D[:, idx]; norm_p is the order of the norm that ranks the columns.
 
+What forward saves for backward: the weight (for the input gradient) and, for the weight gradient, x on a refresh
+step (it scores all n columns of x D) but only x D_r (T, r) on an ordinary step of a layer whose gradient projects x
+and whose r is small enough (LowRankLinear.keeps_projected_input, PROJECTED_INPUT_MAX_RATIO): x itself can then be
+freed once nothing else holds it. A left-projected layer needs x itself, (gy D_r)^T x.
+
 Autograd will not put an (out, r) gradient into W.grad, so each layer registers a carrier parameter,
 ``lowrank_grad``, of the rank-r shape: its ``.grad`` receives G_low, so ``clip_grad_norm_(model.parameters())``
 clips the rank-r gradients; it is kept out of ``state_dict()``. Its own value is never read, so in a
@@ -39,6 +44,10 @@ __all__ = ["LayerSpec", "RefreshControl", "LowRankLinear", "basis_dtype"]
 CARRIER = "lowrank_grad"
 INDEX = "lowrank_idx"
 SVD_BASIS = "lowrank_basis"
+# An ordinary step saves x D_r instead of x when r <= this fraction of the basis size n (keeps_projected_input).
+# Layers that share one input (q/k/v, gate/up) each save their own x D_r while x is freed only if none keeps it,
+# so the saving needs (siblings * r) < n; measured with tools/activation_peak.py (docs/bench/activation_peak/).
+PROJECTED_INPUT_MAX_RATIO = 1 / 3
 SCALE = "weight_scale"  # an int8 weight's block scales (weight_dtype="int8"; the weight parameter holds the codes)
 
 
@@ -166,7 +175,6 @@ def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, rig
             D_r.copy_(new_D_r)
             new_D_r = new_D_r.to(cdt)
             return g @ new_D_r if right else new_D_r.t() @ g
-        D_r = D_r.to(cdt)
     else:
         idx = selection  # (r,) int64: D_r = D[:, idx]
         if refresh:
@@ -177,12 +185,17 @@ def rank_r_grad(x2: Tensor, g2: Tensor, selection: Tensor, D: Tensor | None, rig
             keep = ~torch.isfinite(size) | (size == 0)
             idx.copy_(torch.where(keep, idx, new_idx))
             return g_low
-        if right:  # x D_r, by FFT and a gather where basis.use_fft_projection says it is faster
-            return g2.t() @ project_rows(kind, x2, D, idx)  # (out, T) @ (T, r) -> (out, r)
-        return project_rows(kind, g2, D, idx).t() @ x2  # (r, T) @ (T, in) -> (r, in)
-    if right:
-        return g2.t() @ (x2 @ D_r)
-    return (g2 @ D_r).t() @ x2
+    if right:  # x D_r, by FFT and a gather where basis.use_fft_projection says it is faster
+        return g2.t() @ project_selected(x2, selection, D, kind)  # (out, T) @ (T, r) -> (out, r)
+    return project_selected(g2, selection, D, kind).t() @ x2  # (r, T) @ (T, in) -> (r, in)
+
+
+def project_selected(x2: Tensor, selection: Tensor, D: Tensor | None, kind: str) -> Tensor:
+    """x2 D_r (T, r) for the rows x2 (T, n) and a layer's selection (idx into D, or the svd D_r itself): the product
+    an ordinary step's rank-r gradient needs, the same ops whether formed in forward or in backward."""
+    if kind == "svd":
+        return x2 @ selection.to(x2.dtype)  # (T, n) @ (n, r)
+    return project_rows(kind, x2, D, selection)  # by FFT and a gather where basis.use_fft_projection says
 
 
 def _refresh(x2: Tensor, g2: Tensor, r: int, D: Tensor, right: bool, kind: str, norm_p: int, omega: Tensor | None,
@@ -241,27 +254,37 @@ class _ProjectedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, carrier, selection, D, omega, right: bool, kind: str, norm_p: int,
-                refresh: bool, transposed: bool, reducer=None, score_dtype=None, weight_scale=None):
+                refresh: bool, transposed: bool, reducer=None, score_dtype=None, weight_scale=None,
+                keep_projected: bool = False):
         # weight_scale: None, or an int8 weight's scales (weight holds its codes): W is dequantised here and again
-        # in backward, one layer at a time; only the codes and scales are saved
+        # in backward, one layer at a time; only the codes and scales are saved.
+        # keep_projected (ordinary steps of a layer whose gradient projects x, see LowRankLinear.keeps_projected_input):
+        # save x D_r (T, r) for backward instead of x (T, n): the same product backward would form, formed here.
+        w = weight if weight_scale is None else int8_weights.dequantize(weight, weight_scale, carrier.dtype)
+        y = dense_linear(x, w, bias, transposed)
+        del w  # an int8 weight's dequantised copy: gone before x D_r is formed
+        saved = x
+        if keep_projected:
+            with torch.autocast(x.device.type, enabled=False):  # backward's dtype and ops, so the same bits
+                saved = project_selected(x.reshape(-1, x.shape[-1]).to(y.dtype), selection, D, kind)  # (T, r)
         if torch.compiler.is_compiling():
-            ctx.save_for_backward(x, weight, weight_scale, selection, D, omega)
+            ctx.save_for_backward(saved, weight, weight_scale, selection, D, omega)
             ctx.selection_version = None
         else:
             # Eager: keep the selection outside saved_tensors and remember its version. A layer called twice in one
             # forward has two backward nodes; on a refresh step the first to run rewrites the selection in place,
             # and the second must then project onto it instead of selecting again (one basis per layer per step).
-            ctx.save_for_backward(x, weight, weight_scale, D, omega)
+            ctx.save_for_backward(saved, weight, weight_scale, D, omega)
             ctx.selection, ctx.selection_version = selection, selection._version
         ctx.reducer = reducer
         ctx.score_dtype = score_dtype
-        ctx.meta = (right, kind, norm_p, refresh, transposed, carrier.dtype, None if bias is None else bias.dtype)
-        w = weight if weight_scale is None else int8_weights.dequantize(weight, weight_scale, carrier.dtype)
-        return dense_linear(x, w, bias, transposed)
+        ctx.meta = (right, kind, norm_p, refresh, transposed, carrier.dtype, None if bias is None else bias.dtype,
+                    keep_projected, x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        right, kind, norm_p, refresh, transposed, carrier_dtype, bias_dtype = ctx.meta
+        right, kind, norm_p, refresh, transposed, carrier_dtype, bias_dtype, keep_projected, x_dtype = ctx.meta
         if ctx.selection_version is None:
             x, weight, weight_scale, selection, D, omega = ctx.saved_tensors
         else:
@@ -272,17 +295,26 @@ class _ProjectedLinearFn(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])  # (T, out)
         grad_x = grad_bias = grad_low = None
         if ctx.needs_input_grad[0]:
-            w = weight.to(cdt) if weight_scale is None else int8_weights.dequantize(weight, weight_scale, cdt)
-            grad_x = (gy @ (w.t() if transposed else w)).to(x.dtype)
+            if weight_scale is None:
+                w = weight.to(cdt)
+                grad_x = gy @ (w.t() if transposed else w)
+            else:  # from the codes, never forward's dequantised W (see int8_weights.dequantize_t)
+                w_t = int8_weights.dequantize_t(weight, weight_scale, cdt)
+                grad_x = gy @ (w_t if transposed else w_t.t())
+            grad_x = grad_x.to(x_dtype)
         if bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0).to(bias_dtype)
         if ctx.needs_input_grad[3]:
-            x2 = x.reshape(-1, x.shape[-1]).to(cdt)  # (T, in)
-            # the stored weight's gradient is row_factor^T col_factor: gy^T x, or x^T gy for a transposed weight
-            row_factor, col_factor = (x2, g2) if transposed else (g2, x2)
-            grad_low = rank_r_grad(col_factor, row_factor, selection, D, right, kind, norm_p, refresh, omega,
-                                   ctx.reducer, ctx.score_dtype).to(carrier_dtype)
-        return grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None, None, None, None, None
+            if keep_projected:  # x holds x D_r (T, r): rank_r_grad's ordinary-step product, formed in forward
+                grad_low = (x.t() @ g2 if transposed else g2.t() @ x).to(carrier_dtype)  # (r, out) or (out, r)
+            else:
+                x2 = x.reshape(-1, x.shape[-1]).to(cdt)  # (T, in)
+                # the stored weight's gradient is row_factor^T col_factor: gy^T x, or x^T gy for a transposed weight
+                row_factor, col_factor = (x2, g2) if transposed else (g2, x2)
+                grad_low = rank_r_grad(col_factor, row_factor, selection, D, right, kind, norm_p, refresh, omega,
+                                       ctx.reducer, ctx.score_dtype).to(carrier_dtype)
+        return (grad_x, None, grad_bias, grad_low, None, None, None, None, None, None, None, None, None, None, None,
+                None)
 
 
 class LowRankLinear(nn.Linear):
@@ -487,6 +519,14 @@ class LowRankLinear(nn.Linear):
         out_f, in_f = self.weight.shape
         return out_f if self.lowrank_spec.right else in_f
 
+    @property
+    def keeps_projected_input(self) -> bool:
+        """Whether an ordinary step saves x D_r (T, r) for backward instead of the input x (T, n): when the rank-r
+        gradient projects x (right side; left for a transposed weight) and r <= PROJECTED_INPUT_MAX_RATIO * n.
+        Refresh steps always save x (they score all n columns of x D)."""
+        spec = self.lowrank_spec
+        return spec.right != self._lowrank_transposed and spec.rank <= PROJECTED_INPUT_MAX_RATIO * self.basis_size
+
     def selection(self) -> Tensor:
         """The layer's current selection: its indices idx, int64 (r,), for dct/random; the (n, r) basis D_r for svd."""
         return getattr(self, SVD_BASIS) if self.lowrank_spec.basis == "svd" else getattr(self, INDEX)
@@ -513,9 +553,11 @@ class LowRankLinear(nn.Linear):
                 omega = self._lowrank_control.sketch(self.other_size, spec.norm_p, self.weight.device)
         refresh = self._lowrank_refresh
         reducer = self._lowrank_control.score_reducer if refresh else None  # only refreshes talk to other processes
+        keep_projected = not refresh and carrier.requires_grad and self.keeps_projected_input
         return _ProjectedLinearFn.apply(x, self.weight, self.bias, carrier, self.selection(), D, omega,
                                         spec.right, spec.basis, spec.norm_p, refresh,
-                                        self._lowrank_transposed, reducer, self._lowrank_control.score_dtype, scale)
+                                        self._lowrank_transposed, reducer, self._lowrank_control.score_dtype, scale,
+                                        keep_projected)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -93,6 +93,15 @@ def test_storage_and_state_dict():
     assert sd["0.bias"].dtype == torch.bfloat16  # biases (and everything not projected) keep the model's dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dequantize_t_is_the_transpose_bit_for_bit(dtype):
+    """Backward's dequantisation (from the transposed codes) gives forward's weight, transposed, bit for bit."""
+    for cols in (256, 96):  # blocks of 128, and gcd(96, 128) = 32
+        codes, scale = int8_weights.quantize(torch.randn(40, cols, generator=torch.Generator().manual_seed(cols)))
+        got = int8_weights.dequantize_t(codes, scale, dtype)
+        assert got.dtype == dtype and torch.equal(got, int8_weights.dequantize(codes, scale, dtype).t())
+
+
 def test_block_size_rule():
     assert int8_weights.block_size(4096) == 128 and int8_weights.block_size(11008) == 128
     assert int8_weights.block_size(96) == 32 and int8_weights.block_size(100) == 4
@@ -221,6 +230,40 @@ def test_torch_compile_model_forward_backward_step():
     assert losses[2] < losses[0] and losses[3] < losses[1]
     explained = torch._dynamo.explain(model)(batch()[0])
     assert explained.graph_break_count == 0
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_backward_does_not_save_dequantised_weights(backend, monkeypatch):
+    """Under torch.compile the partitioner must not keep every layer's dequantised weight from forward to backward
+    (the joint graph's CSE merges a backward dequantisation identical to forward's, and the fp32 weights are then
+    saved): a compiled forward + backward peaks no higher than eager. The naive backward (forward's dequantisation
+    repeated) shows the check can fail: it holds about one fp32 weight per layer more. ~6 s with aot_eager (the same
+    partitioning as inductor, no code generation); inductor ~70 s on 2 cores."""
+    import torch._dynamo
+
+    from lowrank_compile.measure import peak_tensor_bytes
+
+    n, layers = 512, 4
+    weight_bytes = n * n * 4
+
+    def peak(compile_it):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Sequential(nn.Linear(n, n), nn.GELU()) for _ in range(layers)])
+        opt = lrc.wrap_model(model, rank=16, update_gap=1, weight_dtype="int8")  # every step refreshes: one graph
+        run = torch.compile(model, backend=backend, fullgraph=True) if compile_it else model
+        x = torch.randn(8, n, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):  # the first call compiles
+            p = peak_tensor_bytes(lambda: run(x).square().mean().backward())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return p
+
+    eager, compiled = peak(False), peak(True)
+    assert compiled <= 1.05 * eager, (compiled, eager)
+    monkeypatch.setattr(int8_weights, "dequantize_t", lambda c, s, d=torch.float32: int8_weights.dequantize(c, s, d).t())
+    naive = peak(True)
+    assert naive >= compiled + weight_bytes, (naive, compiled)
 
 
 def test_unwrap_restores_dtype():
@@ -442,13 +485,35 @@ def _ddp_worker(rank, init_file, out_dir):
                 opt.step()
                 opt.zero_grad()
             out[f"ddp{int(fused)}"] = int8_state(model)
+        # int8 scales: broadcast once at prepare_ddp (as DDP does the codes), then out of the per-forward broadcast,
+        # while a buffer of the user's is still broadcast before every forward
+        model = make_mlp()
+        model.register_buffer("user", torch.zeros(3))
+        opt = lrc.wrap_model(model, rank=8, weight_dtype="int8")
+        if rank == 1:
+            model[0].weight_scale.mul_(2)
+        ddp = lrc.distributed.prepare_ddp(model, opt)
+        out["scale_at_prepare"] = model[0].weight_scale.clone()
+        if rank == 1:
+            model[0].weight_scale.mul_(3)
+            model.user.fill_(5.0)
+        ddp(batch(seed=rank)[0])
+        out["scale_after_forward"], out["user_after_forward"] = model[0].weight_scale.clone(), model.user.clone()
+        # FSDP2 refuses int8 weights before anything touches the model or the optimizer
         model = make_mlp()
         opt = lrc.wrap_model(model, rank=8, weight_dtype="int8")
+        layers = [m for m in model.modules() if isinstance(m, lrc.LowRankLinear)]
+        before = (int8_state(model), [id(p) for p in model.parameters()], [m.lowrank_grad.data_ptr() for m in layers],
+                  opt.refresh_control.score_reducer, [len(m._forward_pre_hooks) for m in model.modules()])
         try:
             lrc.distributed.prepare_fsdp(model, opt)
             out["fsdp"] = None
         except NotImplementedError as e:
             out["fsdp"] = str(e)
+        after = (int8_state(model), [id(p) for p in model.parameters()], [m.lowrank_grad.data_ptr() for m in layers],
+                 opt.refresh_control.score_reducer, [len(m._forward_pre_hooks) for m in model.modules()])
+        assert_same_state(before[0], after[0])
+        out["fsdp_unchanged"] = type(model) is nn.Sequential and before[1:] == after[1:] and not opt.state
     except Exception:
         out["exception"] = traceback.format_exc()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -456,6 +521,8 @@ def _ddp_worker(rank, init_file, out_dir):
 
 
 def test_ddp_keeps_int8_weights_identical_and_fsdp_refuses():
+    """2 gloo processes: DDP training keeps int8 weights identical (unfused and fused), the scales are synced once
+    and then left out of DDP's buffer broadcast, and prepare_fsdp refuses int8 before changing anything."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_ddp_worker, args=(os.path.join(tmp, "store"), tmp), nprocs=2, join=False,
                                  start_method="spawn")
@@ -473,7 +540,12 @@ def test_ddp_keeps_int8_weights_identical_and_fsdp_refuses():
         assert_same_state(r0[key], r1[key])
         assert not torch.equal(r0[key]["2.weight"][0], start["2.weight"][0])  # it trained
     assert_same_state(r0["ddp0"], r0["ddp1"])  # fused in a DDP comm hook == unfused
-    assert r0["fsdp"] is not None and "int8" in r0["fsdp"] and "FSDP2" in r0["fsdp"]
+    assert r0["fsdp"] is not None and "int8" in r0["fsdp"] and "FSDP2" in r0["fsdp"] and "0.weight" in r0["fsdp"]
+    assert r0["fsdp_unchanged"] and r1["fsdp_unchanged"]
+    assert torch.equal(r0["scale_at_prepare"], r1["scale_at_prepare"])  # synced once from process 0
+    assert torch.equal(r1["scale_after_forward"], 3 * r0["scale_after_forward"])  # not broadcast before forward
+    assert torch.equal(r0["user_after_forward"], torch.zeros(3))  # the user's buffer: still broadcast from process 0
+    assert torch.equal(r1["user_after_forward"], r0["user_after_forward"])
 
 
 def test_dcp_single_process_round_trip_is_bit_exact(tmp_path):

@@ -147,3 +147,27 @@ def test_svd_refresh_does_form_the_full_gradient():
     refresh, ordinary = run_tracked(model, opt, x, y, steps=3, tracked={2, 3})
     assert any(a.numel == 512 * 256 for a in refresh.allocations)
     assert not any(a.numel >= 512 * 256 for a in ordinary.allocations)
+
+
+@pytest.mark.parametrize("step", [2, 1], ids=["ordinary", "refresh"])
+def test_ordinary_step_keeps_x_D_r_and_peaks_lower(step, monkeypatch):
+    """A right-projected layer whose input no one else holds (a GELU's output) saves x D_r (T, r) on ordinary steps
+    instead of x (T, n): the step's peak drops by about T (n - r) elements. Refresh steps save x either way."""
+    from lowrank_compile import projection
+
+    tokens, n = 256, 256
+    x, y = data(64, 512, tokens)
+
+    def peak(ratio):
+        monkeypatch.setattr(projection, "PROJECTED_INPUT_MAX_RATIO", ratio)
+        model = mlp((64, n, 512))
+        opt = lrc.wrap_model(model, rank=RANK, update_gap=10)
+        assert model[2].lowrank_spec.right and model[2].keeps_projected_input == (ratio > 0)
+        return run_tracked(model, opt, x, y, steps=step, tracked={step})[0].peak_bytes
+
+    kept, plain = peak(1 / 3), peak(0.0)
+    if step == 1:
+        assert kept == plain
+    else:
+        # layer 2 frees its x (T, n) for x D_r (T, r); layer 1's input is the test's own x, so its x D_r is extra
+        assert plain - kept == tokens * (n - RANK) * 4 - tokens * RANK * 4

@@ -7,6 +7,7 @@ never a full weight gradient, and the top-r of the dense scores as its selection
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -325,3 +326,110 @@ def test_rank_r_grad_by_fft_projection_equals_dense_reference_float64(right):
     G = g2.t() @ x2  # (out, in): the full gradient, only in the test
     D_r = dct_basis(n)[:, idx]
     torch.testing.assert_close(got, G @ D_r if right else D_r.t() @ G, rtol=0, atol=1e-11)
+
+
+# -- ordinary steps save x D_r instead of x (LowRankLinear.keeps_projected_input) -----------------------------------
+def _conv1d(nf, nx):
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(nf, nx)
+
+
+# name: (model maker, rank, wrap_model options, autocast bf16, leading dims)
+KEEP_CASES = {
+    "dct": (lambda: nn.Linear(24, 40), 4, {}, False, (2, 3)),
+    "dct-fft": (lambda: nn.Linear(2048, 2048, bias=False), 480, {}, False, (6,)),  # basis.use_fft_projection
+    "random": (lambda: nn.Linear(24, 40), 4, {"basis": "random"}, False, (2, 3)),
+    "svd": (lambda: nn.Linear(24, 40), 4, {"basis": "svd", "state_policy": "keep"}, False, (2, 3)),
+    "conv1d": (lambda: _conv1d(40, 24), 4, {}, False, (2, 3)),  # stored (in, out): left side projects x
+    "autocast-bf16": (lambda: nn.Linear(24, 40), 4, {}, True, (2, 3)),
+}
+
+
+def _run_steps(case, steps, monkeypatch, ratio):
+    """Train a one-layer model of `case` for `steps` steps (update_gap 3: steps 1 and 3 refresh) with
+    PROJECTED_INPUT_MAX_RATIO = ratio; per step the carrier gradient, the input gradient and the shapes autograd
+    saved in forward, then the final state."""
+    from lowrank_compile import projection
+
+    make, rank, kw, autocast, lead = KEEP_CASES[case]
+    monkeypatch.setattr(projection, "PROJECTED_INPUT_MAX_RATIO", ratio)
+    torch.manual_seed(0)
+    model = nn.Sequential(make())
+    opt = lrc.wrap_model(model, rank=rank, lr=1e-2, update_gap=3, **kw)
+    layer = model[0]
+    n_in = layer.weight.shape[0] if layer._lowrank_transposed else layer.weight.shape[1]
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(*lead, n_in, generator=gen).requires_grad_(True)
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t), \
+                torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = model(x)
+        (torch.tanh(y.float()) * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        out.append((layer.lowrank_grad.grad.clone(), x.grad.clone(), shapes))
+        opt.step()
+        opt.zero_grad()
+    return layer, out, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", KEEP_CASES)
+def test_ordinary_step_saves_x_D_r_and_gradients_are_bit_identical(case, monkeypatch):
+    """On ordinary steps a layer whose gradient projects its input saves x D_r (T, r) in forward instead of x; on
+    refresh steps it saves x. Every gradient and the trained weights are bit for bit those of saving x (the same
+    ops, in the same dtype), for each basis, the FFT projection, a transposed Conv1D weight and bf16 autocast."""
+    layer, kept, state = _run_steps(case, 4, monkeypatch, 1 / 3)
+    assert layer.keeps_projected_input
+    _, plain, plain_state = _run_steps(case, 4, monkeypatch, 0.0)
+    r, lead = layer.lowrank_spec.rank, KEEP_CASES[case][4]
+    T, n = math.prod(lead), layer.basis_size
+    for step, ((g, gx, shapes), (g0, gx0, shapes0)) in enumerate(zip(kept, plain), 1):
+        assert torch.equal(g, g0) and torch.equal(gx, gx0), f"step {step}"
+        x_shape = (*lead, n)
+        assert x_shape in shapes0 and (T, r) not in shapes0
+        if step in (1, 3):  # refresh: x itself
+            assert shapes == shapes0
+        else:
+            assert (T, r) in shapes and x_shape not in shapes, (step, shapes)
+    assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
+
+
+def test_ordinary_step_by_fft_projection_matches_dense_float64():
+    """A float64 layer at a size where x D_r goes through the FFT (n = 2048, r = 480), kept from forward: its ordinary
+    step's rank-r gradient equals the dense float64 gradient projected onto its selection, and its input gradient
+    the dense one. (The reference D is basis.dct_matrix, the closed form test_basis checks against METHOD.md's
+    element-by-element definition, which takes too long to build at n = 2048.)"""
+    from lowrank_compile.basis import dct_matrix, use_fft_projection
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(2048, 2048)).double()
+    wrapped = copy.deepcopy(dense)
+    opt = lrc.wrap_model(wrapped, rank=480, lr=0.0, update_gap=5)
+    layer = wrapped[0]
+    assert use_fft_projection(2048, 480) and layer.keeps_projected_input and layer.lowrank_spec.right
+    gen = torch.Generator().manual_seed(2)
+    for step in (1, 2):  # a refresh, then the ordinary step checked
+        x = torch.randn(3, 5, 2048, dtype=torch.float64, generator=gen)
+        c = torch.randn(3, 5, 2048, dtype=torch.float64, generator=gen)
+        dense.zero_grad()
+        gx_dense, gx = backward(dense, x, c), backward(wrapped, x, c)
+        if step == 1:
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(gx, gx_dense, rtol=1e-12, atol=1e-13)
+    want = dense[0].weight.grad @ dct_matrix(2048, torch.float64)[:, layer.lowrank_idx]
+    torch.testing.assert_close(layer.lowrank_grad.grad, want, rtol=1e-10, atol=1e-11)
+
+
+def test_left_and_wide_layers_keep_x():
+    """A left-projected layer needs x itself ((gy D_r)^T x), and r > n / 3 keeps x too (siblings sharing x could
+    otherwise hold more than x)."""
+    _, _, left, _ = make_pair("left", True)
+    assert not left.keeps_projected_input
+    model = nn.Sequential(nn.Linear(24, 40))
+    lrc.wrap_model(model, rank=9)
+    assert model[0].lowrank_spec.right and not model[0].keeps_projected_input
+    model = nn.Sequential(nn.Linear(24, 40))
+    lrc.wrap_model(model, rank=8)
+    assert model[0].keeps_projected_input
