@@ -29,8 +29,8 @@ from .config import LowRankConfig
 from .projection import LowRankLinear, RefreshControl
 from .state_check import check_state_dict
 from .compile import compiled
-from .update import (SkipCounter, adamw_, adamw_chunked_, clip_tensor_norm_, lowrank_adamw_, match_slots,
-                     moments_direction, remap_states)
+from .update import (UPDATE_CHUNK_ELEMS, SkipCounter, adamw_, adamw_chunked_, clip_tensor_norm_, lowrank_adamw_,
+                     match_slots, moments_direction, remap_states)
 
 __all__ = ["LowRankAdamW"]
 
@@ -72,6 +72,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults)
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._group_of: dict[Tensor, dict] = {}
+        self._group_pos: dict[int, int] = {}
+        self._lrs: dict[tuple[int, torch.device], list] = {}  # (group position, device) -> [lr value, 0-d tensor]
         self._skips = SkipCounter()  # updates skipped for non-finite gradients
         self._scaler_cycle = amp.ScalerCycle()  # what torch.amp.GradScaler said during this step (amp.py)
         self._scaler_owns_infs = False  # True while a GradScaler-checked update runs: the guard stays quiet
@@ -86,6 +88,10 @@ class LowRankAdamW(torch.optim.Optimizer):
                 compiled(fn).allow(3 * len(shapes) + 8)
         if self._compile_quantized and any(g["state_dtype"] in quant.QUANTIZED for g in self.param_groups):
             compiled(moments_direction).allow(3 * len(shapes) + 8)
+        if self._compile_quantized:  # eager bf16 write-backs round through it: one graph per row chunk shape
+            compiled(quant.round_to_bf16).allow(sum(2 + p.numel() // UPDATE_CHUNK_ELEMS for p in
+                                                    {p.shape: p for g in self.param_groups for p in g["params"]
+                                                     if p.dtype == torch.bfloat16}.values()) + 8)
         if config.fused:
             self._register_fused_hooks()
         else:
@@ -210,6 +216,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _index_groups(self) -> None:
         """param -> its group dict (load_state_dict replaces the group dicts: re-run after it)."""
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._group_pos = {id(g): i for i, g in enumerate(self.param_groups)}
 
     def _register_fused_hooks(self) -> None:
         """fused=True: update each parameter inside backward as soon as its gradient is complete."""
@@ -419,7 +426,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         """Create the states on first use; after a refresh, bring a layer's states into its new basis."""
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # on the device, as CUDA graphs need
             state["exp_avg"] = self._new_state(grad.shape, group, p)
             state["exp_avg_sq"] = self._new_state(grad.shape, group, p, signed=False)
             if group["lowrank"]:
@@ -439,13 +446,29 @@ class LowRankAdamW(torch.optim.Optimizer):
             return (tuple(p.shape), p.dtype, m.dtype, spec.right, spec.basis)
         return (tuple(p.shape), p.dtype, m.dtype)
 
-    @staticmethod
-    def _hyper(group: dict, compiled_update: bool) -> dict:
-        """The group's hyper-parameters for an update function. A compiled one takes lr as a 0-d tensor, so a
-        schedule never recompiles it; an eager one a float (no tensor ops on the host for it)."""
+    def _hyper(self, group: dict, device: torch.device) -> dict:
+        """The group's hyper-parameters for an update function, lr as a 0-d tensor on `device` (see _lr)."""
         beta1, beta2 = group["betas"]
-        lr = torch.tensor(group["lr"], dtype=torch.float64) if compiled_update else group["lr"]
-        return dict(lr=lr, weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        return dict(lr=self._lr(group, device), weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
+                    eps=group["eps"])
+
+    def _lr(self, group: dict, device: torch.device) -> Tensor:
+        """The group's lr as a 0-d tensor on `device`, one per group and device, refilled in place only when the
+        group's lr changes (a schedule): no new tensor per step, so no host-to-device copy (a synchronisation), no
+        recompile and no captured constant; a CUDA graph replays with the current lr. fp64 (fp32 where the device
+        has none), so eager results equal those of a Python-float lr. A tensor lr is copied in every call."""
+        key = (self._group_pos.get(id(group), -1), device)
+        entry = self._lrs.get(key)
+        lr = group["lr"]
+        if entry is None:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            entry = self._lrs[key] = [None, torch.zeros((), dtype=dtype, device=device)]
+        if isinstance(lr, Tensor):
+            entry[1].copy_(lr.detach())
+        elif entry[0] != lr:
+            entry[1].fill_(lr)
+            entry[0] = lr
+        return entry[1]
 
     def _update_batch(self, group: dict, params: list[Tensor]) -> None:
         """fp32/fp64 weights with plain states, one call (one compiled graph with compile_step) per shape group."""
@@ -457,11 +480,11 @@ class LowRankAdamW(torch.optim.Optimizer):
             fn(params, [layer.lowrank_grad.grad for layer in layers], *moments[:2],
                [layer.columns(params[0].dtype) for layer in layers], moments[2], scale=group["scale"],
                right=layers[0].lowrank_spec.right, skips=self._skips_on(params[0].device),
-               **self._hyper(group, self._compile_step))
+               **self._hyper(group, params[0].device))
         else:
             fn = compiled(adamw_) if self._compile_step else adamw_
             fn(params, [p.grad for p in params], *moments, skips=self._skips_on(params[0].device),
-               **self._hyper(group, self._compile_step))
+               **self._hyper(group, params[0].device))
 
     def _new_state(self, shape: torch.Size, group: dict, like: Tensor, signed: bool = True) -> Tensor:
         """A zero Adam moment of `shape` in the group's state_dtype ("fp32" means fp64 next to fp64 weights).
@@ -488,9 +511,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
         fn([p], [layer.lowrank_grad.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [layer.columns(cdt)],
            [state["step"]], scale=group["scale"], right=layer.lowrank_spec.right, skips=self._skips_on(p.device),
-           rounding=[self._rounding(p, group, state, whole)], match=[self._pending_match.pop(p, None)],
+           rounding=[self._rounding(p, group)], match=[self._pending_match.pop(p, None)],
            product_dtype=p.dtype if whole and p.dtype == torch.bfloat16 else None,
-           scales=[layer.weight_scale] if layer.is_int8 else None, **self._hyper(group, whole))
+           scales=[layer.weight_scale] if layer.is_int8 else None, **self._hyper(group, p.device),
+           **({} if whole else dict(rounder=self._rounder())))
 
     def _follow_refresh(self, p: Tensor, state: dict, layer: LowRankLinear, policy: str) -> None:
         """Bring the states of one layer into its newly selected basis (METHOD.md section 4).
@@ -515,11 +539,11 @@ class LowRankAdamW(torch.optim.Optimizer):
         chunks (update.adamw_chunked_): one compiled graph per shape with compile_step=True."""
         state = self.state[p]
         whole = self._compile_step
-        h = self._hyper(group, whole)
+        h = self._hyper(group, p.device)
         fn = compiled(adamw_chunked_) if whole else adamw_chunked_
         fn(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], h["lr"], h["weight_decay"], h["beta1"],
-           h["beta2"], h["eps"], self._rounding(p, group, state, whole),
-           fn=None if whole else self._state_fn(moments_direction, state["exp_avg"]), skips=self._skips_on(p.device))
+           h["beta2"], h["eps"], self._rounding(p, group), skips=self._skips_on(p.device),
+           **({} if whole else dict(fn=self._state_fn(moments_direction, state["exp_avg"]), rounder=self._rounder())))
 
     def _state_fn(self, fn: Callable, state: Tensor) -> Callable:
         """fn, compiled when it works on torchao-quantised states (unless compile_step=False)."""
@@ -527,16 +551,18 @@ class LowRankAdamW(torch.optim.Optimizer):
             return compiled(fn)
         return fn
 
-    def _rounding(self, p: Tensor, group: dict, state: dict, compiled_update: bool):
-        """How bf16 weight p is rounded at its coming update (quant.write_back_rounding), or None. An int8 weight
-        (its codes) always takes the counter base (quant.counter_base): its noise is hashed from (seed, index,
-        step) in the update itself, eager or compiled, with no host read."""
-        if p.dtype == torch.int8 and group.get("stochastic_round", True):
-            return quant.counter_base(int(group.get("seed", 0)), self._index[p])
-        if p.dtype != torch.bfloat16 or not group.get("stochastic_round", True):
+    def _rounding(self, p: Tensor, group: dict) -> Tensor | None:
+        """The counter base (quant.counter_base, on p's device) of a bf16 or int8 weight's stochastic rounding, or
+        None (to nearest). The update hashes its bits from it and the step counter, eager or compiled alike, with
+        no host read: the same bits on every process and after a resume."""
+        if p.dtype not in (torch.bfloat16, torch.int8) or not group.get("stochastic_round", True):
             return None
-        return quant.write_back_rounding(int(group.get("seed", 0)), self._index[p], state["step"], p.device,
-                                         compiled_update)
+        return quant.counter_base(int(group.get("seed", 0)), self._index[p], p.device)
+
+    def _rounder(self) -> Callable:
+        """What an eager update rounds bf16 write-backs with: quant.round_to_bf16, compiled (its counter hash is a
+        couple of dozen full-size int64 passes eagerly, one fused kernel compiled) unless compile_step=False."""
+        return compiled(quant.round_to_bf16) if self._compile_quantized else quant.round_to_bf16
 
     # -- state_dict --------------------------------------------------------------------------------
     def _init_states_for_dcp(self) -> bool:
@@ -580,7 +606,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(i, {}).items():
-                if isinstance(value, Tensor) and key != "step":
+                if isinstance(value, Tensor):  # the step too: it lives on the parameter's device
                     self.state[p][key] = value.to(device=p.device, copy=True)
         _keep_addresses(self.state, existing)
         self.restore_after_load(int(global_step))
@@ -588,7 +614,8 @@ class LowRankAdamW(torch.optim.Optimizer):
 
 def _keep_addresses(state, existing: dict) -> None:
     """Copy loaded state tensors into the ones they replace where those match (type, shape, dtype, device), so
-    state tensors keep their addresses across a load (what captured CUDA graphs and compiled steps rely on)."""
+    state tensors keep their addresses across a load (what captured CUDA graphs and compiled steps rely on). A
+    torchao state's copy_ writes its codes and scales in place."""
     for p, old_state in existing.items():
         new_state = state.get(p, {})
         for key, old in old_state.items():

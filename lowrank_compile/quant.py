@@ -18,10 +18,11 @@ Weights in bf16 are written back with stochastic rounding (:func:`round_to_bf16`
 up or down with probabilities that make the rounding unbiased, so updates far below a bf16 ulp still move
 the weight on average. Its random bits come from a key mixed from (seed, parameter index, step) — never from
 torch's global RNG — so they are the same on every rank and a resumed run repeats them exactly: the seed is a
-param-group value and the step is in the checkpoint, so no generator state needs saving. Eager updates seed a
-torch.Generator with the key (one pass to draw the bits); compiled updates (compile_step=True) hash the key and
-each element's index instead, inside the graph (no host read of the step, and the hash fuses into the
-write-back). The two give different bits of the same distribution.
+param-group value and the step is in the checkpoint, so no generator state needs saving. The key is derived
+from the step counter with tensor ops (:func:`counter_key`) and each element's bits are a hash of the key and
+the element's index, so nothing is read on the host (no synchronisation; CUDA-graph safe) and eager and
+compiled updates round bit for bit alike. Eagerly the hash is a couple of dozen int64 passes; the optimizer
+therefore runs :func:`round_to_bf16` through torch.compile (one fused kernel) unless ``compile_step=False``.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from . import _torchao
 
 __all__ = ["STATE_KINDS", "BLOCK_SIZE", "MIN_QUANT_NUMEL", "storage_kind", "fallback_reason", "check_available",
            "new_state", "kind_of", "is_quantized", "dequantize", "zero_", "state_parts", "part_specs",
-           "state_from_parts", "state_nbytes", "rounding_key", "rounding_generator", "counter_base",
-           "counter_key", "counter_uniform", "write_back_rounding", "round_to_bf16"]
+           "state_from_parts", "state_nbytes", "rounding_key", "counter_base", "counter_key", "counter_uniform",
+           "round_to_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,31 +216,19 @@ def rounding_key(seed: int, index: int, step: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ index) ^ step)
 
 
-def rounding_generator(key: int, device: torch.device | str) -> torch.Generator:
-    """A torch.Generator on `device` seeded with `key` (see :func:`rounding_key`); never the global RNG."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(key & 0x7FFFFFFFFFFFFFFF)
-    return gen
-
-
-def round_to_bf16(x: Tensor, rounding: torch.Generator | Tensor | None = None, offset: int = 0) -> Tensor:
-    """fp32 -> bf16: to nearest when `rounding` is None, else stochastically.
+def round_to_bf16(x: Tensor, key: Tensor | None = None, offset: int = 0) -> Tensor:
+    """fp32 -> bf16: to nearest when `key` is None, else stochastically.
 
     Stochastic rounding adds 16 random bits below bf16's last bit and truncates: it rounds away from zero
-    with probability (dropped bits) / 2^16, so E[result] = x (as torchao's _fp32_to_bf16_sr does). The bits
-    come from a torch.Generator (eager updates: one pass to draw them), or, given a 0-d int64 key tensor from
-    :func:`counter_key`, from a counter-based hash of (key, offset + element index) — no generator and no host
-    read, so it traces into a compiled graph, where the hash fuses into the write-back kernel. A write-back done
-    in row chunks draws chunk after chunk from one generator, or passes each chunk's flat offset with a key: its
-    bits do not depend on the chunking either way.
+    with probability (dropped bits) / 2^16, so E[result] = x (as torchao's _fp32_to_bf16_sr does). The bits are
+    a counter-based hash of the 0-d int64 key (:func:`counter_key`) and offset + each element's flat index: no
+    generator and no host read, the same bits eager and compiled (where the hash fuses into the write-back). A
+    write-back done in row chunks passes each chunk's flat offset, so its bits do not depend on the chunking.
     """
-    if rounding is None:
+    if key is None:
         return x.to(torch.bfloat16)
     x = x.float().contiguous()
-    if isinstance(rounding, torch.Generator):
-        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=rounding)
-    else:
-        noise = (_counter_bits(rounding, offset, x.shape, x.device) >> 16).to(torch.int32)
+    noise = (_counter_bits(key, offset, x.shape, x.device) >> 16).to(torch.int32)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: 0xFFFF0000
 
 
@@ -273,22 +262,10 @@ def _hash32(x: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def counter_base(seed: int, index: int) -> Tensor:
-    """The per-parameter part of a counter-based rounding key: a 0-d int64 CPU tensor from (seed, index), cached
-    (treat it as read-only)."""
-    return torch.tensor(rounding_key(seed, index, 0) & _M32, dtype=torch.int64)
-
-
-def write_back_rounding(seed: int, index: int, step: Tensor, device, compiled_update: bool):
-    """The rounding of parameter number `index`'s coming bf16 write-back, its step counter advanced by one.
-
-    Keyed by (seed, index, step), so the bits are the same on every rank and after a resume. Eager: a
-    torch.Generator (the host reads the CPU step counter); compiled: the counter base (cached), from which the
-    graph derives the key itself (counter_key), with no host read.
-    """
-    if compiled_update:
-        return counter_base(seed, index)
-    return rounding_generator(rounding_key(seed, index, int(step.item()) + 1), device)
+def counter_base(seed: int, index: int, device: torch.device | str = "cpu") -> Tensor:
+    """The per-parameter part of a counter-based rounding key: a 0-d int64 tensor on `device` from (seed, index),
+    cached (treat it as read-only). On the parameter's device, so a captured CUDA graph reads it, not a constant."""
+    return torch.full((), rounding_key(seed, index, 0) & _M32, dtype=torch.int64, device=device)
 
 
 def counter_key(base: Tensor, step: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 The optimizer gathers the layers of one shape (and kind) into lists and calls one of these functions;
 torch.compile turns each call signature into one graph with every element-wise op fused, so a 24-block
 model runs a handful of graphs per step instead of hundreds of small kernels. lr and the step counts
-are tensors, so schedules and the passing of steps never recompile.
+are tensors on the parameters' device, so schedules and the passing of steps never recompile, and nothing
+on the step path reads a tensor value on the host (no synchronisation: CUDA-graph ready), eager or compiled.
 """
 from __future__ import annotations
 
@@ -177,21 +178,25 @@ def row_chunks(tensors: tuple[Tensor, ...], max_elems: int, block: int = 1):
         yield start, tuple(t[start:start + rows] for t in tensors)
 
 
-def write_back_(w: Tensor, new: Tensor, rounding, offset: int) -> None:
-    """w <- new (fp32), rounded once into w's dtype; bf16 stochastically when `rounding` (a torch.Generator or a
-    counter key, see quant.round_to_bf16) is given, to nearest otherwise. offset: the flat index of new[0]."""
-    w.copy_(quant.round_to_bf16(new, rounding, offset) if w.dtype == torch.bfloat16 else new.to(w.dtype))
+def write_back_(w: Tensor, new: Tensor, rounding: Tensor | None, offset: int, rounder: Callable | None = None) -> None:
+    """w <- new (fp32), rounded once into w's dtype; bf16 stochastically when `rounding` (a counter key, see
+    quant.round_to_bf16) is given, to nearest otherwise. offset: the flat index of new[0]. rounder: the function
+    that rounds (default quant.round_to_bf16; the optimizer passes a compiled one to eager updates)."""
+    if w.dtype == torch.bfloat16 and rounding is not None:
+        w.copy_((rounder or quant.round_to_bf16)(new, rounding, offset))
+    else:
+        w.copy_(new.to(w.dtype))
 
 
-def _rounding(source, step: Tensor):
-    """What a write-back rounds with: None, a torch.Generator (eager), or the counter key of this step from a
-    counter base tensor (quant.counter_base: compiled updates, no host read of the step)."""
-    return quant.counter_key(source, step) if isinstance(source, Tensor) else source
+def _rounding(base: Tensor | None, step: Tensor) -> Tensor | None:
+    """This step's counter key from a parameter's counter base (quant.counter_base), or None (to nearest):
+    tensor ops, so the step is never read on the host."""
+    return None if base is None else quant.counter_key(base, step)
 
 
 def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, rounding=None,
                   max_elems: int | None = None, product_dtype: torch.dtype | None = None,
-                  scale: Tensor | None = None) -> None:
+                  scale: Tensor | None = None, rounder: Callable | None = None) -> None:
     """W <- decay W + back(u), back(u) = u D_r^T (right) or D_r u (left): decay and back-projection, in one place.
 
     u is the step already scaled (-lr scale times Adam's direction). decay: None (no decay) or the factor
@@ -201,7 +206,7 @@ def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, ro
     fp32; bf16 runs it on tensor cores, used inside compiled graphs, where its result feeds the fused update).
     scale: an int8 weight's block scales (w then holds its codes): each fp32 row chunk is written back by
     int8_weights.write_rows_ (stochastically rounded when `rounding` is a counter key, re-scaling only blocks
-    whose range changed enough).
+    whose range changed enough). rounder: see write_back_.
     """
     if scale is not None:
         u, D_r = u.float(), D_r.float()
@@ -228,7 +233,7 @@ def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, ro
         new = w_rows.float()
         if decay is not None:
             new = new.mul_(decay)  # decay in fp32: rounded alone, it is lost
-        write_back_(w_rows, new.add_(delta.float()), rounding, start * row)
+        write_back_(w_rows, new.add_(delta.float()), rounding, start * row, rounder)
 
 
 def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -236,18 +241,18 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
                    beta2: float, eps: float, scale: float, right: bool, rounding: list | None = None,
                    match: list[tuple | None] | None = None, product_dtype: torch.dtype | None = None,
                    direction: Callable = None, skips: Tensor | None = None,
-                   scales: list[Tensor] | None = None) -> None:
+                   scales: list[Tensor] | None = None, rounder: Callable | None = None) -> None:
     """Low-rank AdamW, in place: W (1 - lr wd) - lr scale back(u), for lists of same-shape projected layers.
 
     grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); D_rs: each layer's D_r, (n, r) in fp32 (fp64 for fp64
-    weights); steps: 0-d tensors. Works for any weight dtype and state storage (see back_project_ and
-    moments_direction). rounding: per weight, None (to nearest), a torch.Generator or a quant.counter_base tensor.
+    weights); steps: 0-d tensors; lr: a 0-d tensor (a float also works). Works for any weight dtype and state storage
+    (see back_project_ and moments_direction). rounding: per weight, None (to nearest) or a quant.counter_base tensor.
     match: per weight, None or (src, kept, dim) to move its states to a refreshed selection first.
     product_dtype: see back_project_. direction: the moments function (default moments_direction; the optimizer
     passes a compiled one for quantised states when the rest runs eagerly). skips: None, or a 0-d int64 counter:
     a layer whose gradient is not finite then keeps its weight and states (its step count still advances) and
     is counted there. scales: per weight, None or an int8 weight's block scales (its codes are in weights; see
-    back_project_); rounding is then a quant.counter_base tensor or None (to nearest).
+    back_project_); rounding is then a quant.counter_base tensor or None (to nearest). rounder: see write_back_.
     """
     direction = direction or moments_direction
     guards = guard_list(grads, skips, beta1, beta2, exp_avgs[0])
@@ -257,7 +262,7 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
         decay = None if weight_decay == 0 else 1 - lr * weight_decay
         decay = guarded_decay(decay, guards[i], w.dtype if w.dtype == torch.float64 else torch.float32, w.device)
         back_project_(w, u.mul_(-lr * scale), D_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
-                      product_dtype=product_dtype, scale=None if scales is None else scales[i])
+                      product_dtype=product_dtype, scale=None if scales is None else scales[i], rounder=rounder)
 
 
 def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -282,10 +287,11 @@ def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
 
 def adamw_chunked_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr, weight_decay: float, beta1: float,
                    beta2: float, eps: float, rounding=None, fn=None, max_elems: int | None = None,
-                   skips: Tensor | None = None) -> None:
+                   skips: Tensor | None = None, rounder: Callable | None = None) -> None:
     """Plain AdamW on one large parameter (an embedding, an lm_head) in block-aligned row chunks, so its fp32
     temporaries never exist at full size. fn: the per-chunk function (moments_direction, possibly compiled).
-    skips: as in lowrank_adamw_ (the whole gradient is checked before the first chunk)."""
+    skips, rounder: as in lowrank_adamw_ (the whole gradient is checked before the first chunk). lr: a 0-d tensor or
+    a float; it never reaches an op's Python-number argument (alpha=), which would read a tensor on the host."""
     fn = fn or moments_direction
     step.add_(1)
     rounding = _rounding(rounding, step)
@@ -299,10 +305,10 @@ def adamw_chunked_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr,
         if w.dtype in (torch.float32, torch.float64):
             if decay is not None:
                 w.mul_(decay)
-            w.add_(u.to(w.dtype), alpha=-lr)
+            w.sub_(u.mul_(lr).to(w.dtype))
         else:
             new = w.float() if decay is None else w.float().mul_(decay)
-            write_back_(w, new.sub_(u, alpha=lr), rounding, start * row)
+            write_back_(w, new.sub_(u.mul_(lr)), rounding, start * row, rounder)
 
 
 def remap_states(states: list[Tensor], old_idx: Tensor, new_idx: Tensor, dim: int) -> None:

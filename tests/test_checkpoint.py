@@ -320,3 +320,41 @@ def test_refuses_to_save_between_micro_batches(tmp_path):
     opt.step()  # the first of two micro-batches: no update yet
     with pytest.raises(RuntimeError, match="between the micro-batches"):
         lrc.save_optimizer(opt, tmp_path / "o.safetensors")
+
+
+def _addresses(opt) -> dict:
+    """data_ptr of every stored part of every state tensor (step, moments' codes and scales, indices)."""
+    return {f"{i}.{key}.{part}": t.data_ptr()
+            for i, p in enumerate(q for g in opt.trained_groups for q in g["params"])
+            for key, value in opt.state.get(p, {}).items() for part, t in quant.state_parts(value).items()}
+
+
+@pytest.mark.parametrize("loader", ["load_state_dict", "load_optimizer", "dcp"])
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8"])
+def test_loading_copies_into_the_existing_states(tmp_path, state_dtype, loader):
+    """States live at static addresses (what a captured CUDA graph or a compiled step holds on to): every loader
+    copies into the existing state tensors, and the loaded values are the saved ones."""
+    model, opt = make(state_dtype=state_dtype)
+    train(model, opt, 5)
+    saved = snapshot(opt)
+    model2, opt2 = make(state_dtype=state_dtype)
+    train(model2, opt2, 2)
+    before = _addresses(opt2)
+    assert len(before) == len([k for k in saved if k[0].isdigit()]) > 10
+    if loader == "load_state_dict":
+        opt2.load_state_dict(opt.state_dict())
+    elif loader == "load_optimizer":
+        lrc.save_optimizer(opt, tmp_path / "opt.safetensors")
+        lrc.load_optimizer(opt2, tmp_path / "opt.safetensors")
+    else:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model2, opt2, get_optimizer_state_dict(model, opt))
+    assert _addresses(opt2) == before
+    loaded = snapshot(opt2)
+    for key, value in saved.items():
+        if key[0].isdigit():
+            assert torch.equal(loaded[key], value), key
+    assert loaded["global_step"] == saved["global_step"] == 5
+    train(model2, opt2, 1)  # and it steps on
+    assert _addresses(opt2) == before

@@ -11,6 +11,8 @@
 # only the package differs; the import is decided by PYTHONPATH (the package is not installed there): main's
 # processes run with .gpu_base first, the change's with the repository root first, any PYTHONPATH already set
 # (/tmp/site below) kept after them. Each worker records lowrank_compile.__file__ and the table checks it.
+# Then checks that no step path synchronises the host (tools/launch_count.py --sync-only: set_sync_debug_mode("error")
+# around an ordinary and a refresh step of each; a small model) into suite_<UTC stamp>_syncs.md.
 # Writes one table, docs/bench/gpu/suite_<UTC stamp>.md, with .json (every raw result) and .log beside it, prints
 # the table at the end and, where $OUT is set, copies the three files there (after each stage too, so a run cut
 # short still brings back what it measured).
@@ -417,9 +419,30 @@ else
 fi
 run_bench change "$CHANGE_PP" "${LOWRANK_CONFIGS[@]}" "${CHANGE_ONLY_CONFIGS[@]}"
 
+# issue 16 item 5: no host synchronisation on the step path (torch.cuda.set_sync_debug_mode("error") around an
+# ordinary and a refresh step of every step path; tools/launch_count.py --sync-only), a small model, not fatal
+SYNC_MD="$OUTDIR/${NAME}_syncs.md"
+stamp "sync check -> $SYNC_MD"
+if PYTHONPATH="$CHANGE_PP" timeout "${TIMEOUT:-300}" "$PY" "$ROOT/tools/launch_count.py" --device "$DEVICE" --sync-only \
+        --d 256 --blocks 2 --tokens 256 --out "$SYNC_MD" 2>&1 | stamp_lines >>"$LOG"; then
+    cat "$SYNC_MD" | tee -a "$LOG"
+    if grep -q "sync:\|failed:\|CPU reads," "$SYNC_MD"; then
+        stamp "sync check: a step path synchronises or failed (see $SYNC_MD)"
+        echo 1 >>"$WORK/sync_failed"
+    fi
+else
+    stamp "sync check failed or timed out"
+    echo 1 >>"$WORK/sync_failed"
+fi
+[[ -n ${OUT:-} && -f $SYNC_MD ]] && cp "$SYNC_MD" "$OUT/" || true
+
 stamp "gpu_suite: done in $SECONDS s; table: $OUTDIR/$NAME.md${OUT:+ (copied into \$OUT)}"
 echo
 merge 1 || exit 4
+if [[ -f $WORK/sync_failed ]]; then
+    echo "gpu_suite: the host-synchronisation check failed: see $SYNC_MD and $OUTDIR/$NAME.log" >&2
+    exit 3
+fi
 failures=$(cat "$WORK/failures" 2>/dev/null || echo 0)
 if ((failures)); then
     echo "gpu_suite: $failures configuration(s) failed or missing: see the table and $OUTDIR/$NAME.log" >&2
