@@ -230,6 +230,18 @@ def _refresh(x2: Tensor, g2: Tensor, r: int, D: Tensor, right: bool, kind: str, 
     return new_idx, a.index_select(1, new_idx).t() @ b  # (r, T) @ (T, in)
 
 
+def swap_keeping_hooks(old: Tensor, new: Tensor) -> None:
+    """torch.utils.swap_tensors(old, new) that keeps old's hooks working. The dicts of post-accumulate-grad and
+    gradient hooks stay with the Python object, but their registration lives in the tensor it held, so a plain swap
+    silently disconnects them (a fused optimizer's in-backward updates, a carrier's note_grad_ready): re-assigning
+    each dict registers it on the new tensor."""
+    torch.utils.swap_tensors(old, new)
+    for attr in ("_post_accumulate_grad_hooks", "_backward_hooks"):
+        hooks = getattr(old, attr)
+        if hooks:
+            setattr(old, attr, hooks)
+
+
 def carrier_data(shape, dtype: torch.dtype, device, dense: bool) -> Tensor:
     """Zeros of `shape` for a carrier: a real tensor if `dense`, else a stride-0 view of one element (free)."""
     if dense:
@@ -416,7 +428,7 @@ class LowRankLinear(nn.Linear):
             if int8_weights.is_int8_tensor(value):
                 value = value.dequantize(self.weight.dtype)
             if self.weight.is_meta:
-                torch.utils.swap_tensors(self.weight, nn.Parameter(value.to(self.weight.dtype, copy=True),
+                swap_keeping_hooks(self.weight, nn.Parameter(value.to(self.weight.dtype, copy=True),
                                                                    requires_grad=False))
             else:
                 self.weight.copy_(value)
@@ -432,7 +444,7 @@ class LowRankLinear(nn.Linear):
             codes, scale = int8_weights.quantize(value)
         if self.weight.is_meta:  # new storage; never the caller's own tensors
             copied = int8_weights.is_int8_tensor(value)
-            torch.utils.swap_tensors(self.weight, nn.Parameter(codes.clone() if copied else codes, requires_grad=False))
+            swap_keeping_hooks(self.weight, nn.Parameter(codes.clone() if copied else codes, requires_grad=False))
             self._buffers[SCALE] = scale.clone() if copied else scale
         else:
             self.weight.copy_(codes)
@@ -442,7 +454,7 @@ class LowRankLinear(nn.Linear):
         """Put the weight (and an int8 weight's scales) back on the meta device, same Parameter object: what
         load_weights does to undo a partial load of a meta model."""
         meta = torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta")
-        torch.utils.swap_tensors(self.weight, nn.Parameter(meta, requires_grad=False))
+        swap_keeping_hooks(self.weight, nn.Parameter(meta, requires_grad=False))
         if self.is_int8:
             self._buffers[SCALE] = torch.empty(self._buffers[SCALE].shape, device="meta")
 
@@ -453,7 +465,7 @@ class LowRankLinear(nn.Linear):
         carrier = self._parameters[CARRIER]
         if carrier.is_meta:
             data = carrier_data(carrier.shape, carrier.dtype, device, self._lowrank_dense_carrier)
-            torch.utils.swap_tensors(carrier, nn.Parameter(data))
+            swap_keeping_hooks(carrier, nn.Parameter(data))
         for name in (INDEX, SVD_BASIS, SCALE):
             buf = self._buffers.get(name)
             if buf is not None and buf.is_meta:

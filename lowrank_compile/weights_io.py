@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import int8_weights
-from .projection import CARRIER, LowRankLinear
+from .projection import CARRIER, LowRankLinear, swap_keeping_hooks
 
 __all__ = ["load_weights", "export_weights"]
 
@@ -135,7 +135,7 @@ def _assign(module: nn.Module, name: str, is_param: bool, value: Tensor, device:
     if old.is_meta:
         data = value.to(device=device, dtype=old.dtype, copy=True)
         if is_param:
-            torch.utils.swap_tensors(old, nn.Parameter(data, requires_grad=old.requires_grad))
+            swap_keeping_hooks(old, nn.Parameter(data, requires_grad=old.requires_grad))
         else:
             table[name] = data
     else:
@@ -151,7 +151,7 @@ def _to_meta(module: nn.Module, name: str, is_param: bool, shape, dtype) -> None
     old = table[name]
     meta = torch.empty(shape, dtype=dtype, device="meta")
     if is_param:
-        torch.utils.swap_tensors(old, nn.Parameter(meta, requires_grad=old.requires_grad))
+        swap_keeping_hooks(old, nn.Parameter(meta, requires_grad=old.requires_grad))
     else:
         table[name] = meta
 

@@ -564,3 +564,37 @@ def test_dcp_single_process_round_trip_is_bit_exact(tmp_path):
     dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=str(tmp_path))
     set_state_dict(other, opt2, model_state_dict=msd2, optim_state_dict=osd2)
     assert_same_state(int8_state(model), int8_state(other))
+
+
+@pytest.mark.parametrize("weight_dtype", [None, "int8"])
+def test_fused_updates_survive_load_weights_into_meta_model(weight_dtype):
+    """load_weights swaps real tensors into the meta model's Parameters; the hooks registered on them (the fused
+    in-backward updates, the carriers' note_grad_ready) must keep firing: the run equals one whose model was built
+    normally, bit for bit, and every weight moves."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama()
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def run(model, opt):
+        for _ in range(3):
+            model(x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return {k: (v.dequantize() if int8_weights.is_int8_tensor(v) else v).clone()
+                for k, v in model.state_dict().items()}
+
+    want = run(ref, lrc.wrap_model(ref, rank=8, weight_dtype=weight_dtype, fused=True))
+    model = meta_llama(cfg)
+    opt = lrc.wrap_model(model, rank=8, weight_dtype=weight_dtype, fused=True)
+    materialise_rotary(model, ref)
+    lrc.load_weights(model, sd)
+    got = run(model, opt)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    start = {k: (v.float() if not int8_weights.is_int8_tensor(v) else v.dequantize()) for k, v in sd.items()}
+    assert all(not torch.equal(got[k].float(), start[k].float()) for k in got if "norm" not in k), "a weight did not train"
