@@ -216,7 +216,7 @@ def rounding_key(seed: int, index: int, step: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ index) ^ step)
 
 
-def round_to_bf16(x: Tensor, key: Tensor | None = None, offset: int = 0) -> Tensor:
+def round_to_bf16(x: Tensor, key: Tensor | None = None, offset: int | Tensor = 0) -> Tensor:
     """fp32 -> bf16: to nearest when `key` is None, else stochastically.
 
     Stochastic rounding adds 16 random bits below bf16's last bit and truncates: it rounds away from zero
@@ -232,14 +232,18 @@ def round_to_bf16(x: Tensor, key: Tensor | None = None, offset: int = 0) -> Tens
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536: 0xFFFF0000
 
 
-def _counter_bits(key: Tensor, offset: int, shape, device) -> Tensor:
+def _counter_bits(key: Tensor, offset: int | Tensor, shape, device) -> Tensor:
     """32 random bits (int64 in [0, 2^32)) for each element of a tensor of `shape`: a hash of the 0-d int64 key
-    (counter_key) and the element's flat index offset + i. Pure tensor ops: traceable, no host read."""
-    counter = torch.arange(offset, offset + math.prod(shape), dtype=torch.int64, device=device).view(shape)
+    (counter_key) and the element's flat index offset + i. Pure tensor ops: traceable, no host read. offset: an
+    int, or a 0-d int64 tensor (what compiled callers pass, so that each row chunk does not compile a graph)."""
+    if isinstance(offset, Tensor):
+        counter = (torch.arange(math.prod(shape), dtype=torch.int64, device=device) + offset).view(shape)
+    else:
+        counter = torch.arange(offset, offset + math.prod(shape), dtype=torch.int64, device=device).view(shape)
     return _hash32(_hash32(counter ^ key) ^ _hash32(key ^ 0x5BD1E995))
 
 
-def counter_uniform(key: Tensor, offset: int, shape, device) -> Tensor:
+def counter_uniform(key: Tensor, offset: int | Tensor, shape, device) -> Tensor:
     """Uniform fp32 noise in [0, 1) (24-bit resolution) from the same counter hash as :func:`round_to_bf16`, for
     the stochastic rounding of int8 weights (int8_weights.py): element i of the result is keyed by offset + i."""
     return (_counter_bits(key, offset, tuple(shape), device) >> 8).to(torch.float32) * (1.0 / (1 << 24))

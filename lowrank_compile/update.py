@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["match_slots", "matched", "moments_direction", "adam_ratio_bound", "row_chunks", "write_back_",
            "back_project_", "lowrank_adamw_", "adamw_", "adamw_chunked_", "remap_states", "clip_tensor_norm_",
-           "UPDATE_CHUNK_ELEMS", "SkipCounter", "guard_list"]
+           "UPDATE_CHUNK_ELEMS", "chunk_offset", "SkipCounter", "guard_list"]
 
 
 def match_slots(old_idx: Tensor, new_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,12 +178,18 @@ def row_chunks(tensors: tuple[Tensor, ...], max_elems: int, block: int = 1):
         yield start, tuple(t[start:start + rows] for t in tensors)
 
 
+def chunk_offset(offset: int, like: Tensor) -> Tensor:
+    """A row chunk's flat offset as a 0-d int64 tensor on `like`'s device (a fill, no host-to-device copy), for
+    the compiled rounding kernels an eager update calls: a Python int would compile one graph per chunk."""
+    return torch.full((), offset, dtype=torch.int64, device=like.device)
+
+
 def write_back_(w: Tensor, new: Tensor, rounding: Tensor | None, offset: int, rounder: Callable | None = None) -> None:
     """w <- new (fp32), rounded once into w's dtype; bf16 stochastically when `rounding` (a counter key, see
     quant.round_to_bf16) is given, to nearest otherwise. offset: the flat index of new[0]. rounder: the function
     that rounds (default quant.round_to_bf16; the optimizer passes a compiled one to eager updates)."""
     if w.dtype == torch.bfloat16 and rounding is not None:
-        w.copy_((rounder or quant.round_to_bf16)(new, rounding, offset))
+        w.copy_((rounder or quant.round_to_bf16)(new, rounding, offset if rounder is None else chunk_offset(offset, w)))
     else:
         w.copy_(new.to(w.dtype))
 
@@ -196,7 +202,8 @@ def _rounding(base: Tensor | None, step: Tensor) -> Tensor | None:
 
 def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, rounding=None,
                   max_elems: int | None = None, product_dtype: torch.dtype | None = None,
-                  scale: Tensor | None = None, rounder: Callable | None = None) -> None:
+                  scale: Tensor | None = None, rounder: Callable | None = None,
+                  writer: Callable | None = None) -> None:
     """W <- decay W + back(u), back(u) = u D_r^T (right) or D_r u (left): decay and back-projection, in one place.
 
     u is the step already scaled (-lr scale times Adam's direction). decay: None (no decay) or the factor
@@ -206,7 +213,8 @@ def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, ro
     fp32; bf16 runs it on tensor cores, used inside compiled graphs, where its result feeds the fused update).
     scale: an int8 weight's block scales (w then holds its codes): each fp32 row chunk is written back by
     int8_weights.write_rows_ (stochastically rounded when `rounding` is a counter key, re-scaling only blocks
-    whose range changed enough). rounder: see write_back_.
+    whose range changed enough). rounder: see write_back_. writer: the function that writes an int8 chunk (default
+    int8_weights.write_rows_; the optimizer passes a compiled one to eager updates, called with tensor offsets).
     """
     if scale is not None:
         u, D_r = u.float(), D_r.float()
@@ -214,7 +222,10 @@ def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, ro
         for start, (w_rows, s_rows, factor) in row_chunks((w, scale, u if right else D_r),
                                                           max_elems or UPDATE_CHUNK_ELEMS):
             delta = factor @ D_r.t() if right else factor @ u  # (rows, r) @ (r, in): this chunk's update
-            int8_weights.write_rows_(w_rows, s_rows, delta, decay, rounding, start * row)
+            if writer is None:
+                int8_weights.write_rows_(w_rows, s_rows, delta, decay, rounding, start * row)
+            else:
+                writer(w_rows, s_rows, delta, decay, rounding, chunk_offset(start * row, w))
         return
     if w.dtype in (torch.float32, torch.float64):
         if decay is not None:
@@ -241,7 +252,8 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
                    beta2: float, eps: float, scale: float, right: bool, rounding: list | None = None,
                    match: list[tuple | None] | None = None, product_dtype: torch.dtype | None = None,
                    direction: Callable = None, skips: Tensor | None = None,
-                   scales: list[Tensor] | None = None, rounder: Callable | None = None) -> None:
+                   scales: list[Tensor] | None = None, rounder: Callable | None = None,
+                   writer: Callable | None = None) -> None:
     """Low-rank AdamW, in place: W (1 - lr wd) - lr scale back(u), for lists of same-shape projected layers.
 
     grads/exp_avgs/exp_avg_sqs: rank-r (out, r) if right else (r, in); D_rs: each layer's D_r, (n, r) in fp32 (fp64 for fp64
@@ -252,7 +264,8 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     passes a compiled one for quantised states when the rest runs eagerly). skips: None, or a 0-d int64 counter:
     a layer whose gradient is not finite then keeps its weight and states (its step count still advances) and
     is counted there. scales: per weight, None or an int8 weight's block scales (its codes are in weights; see
-    back_project_); rounding is then a quant.counter_base tensor or None (to nearest). rounder: see write_back_.
+    back_project_); rounding is then a quant.counter_base tensor or None (to nearest). rounder, writer: see
+    write_back_ and back_project_.
     """
     direction = direction or moments_direction
     guards = guard_list(grads, skips, beta1, beta2, exp_avgs[0])
@@ -262,7 +275,8 @@ def lowrank_adamw_(weights: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
         decay = None if weight_decay == 0 else 1 - lr * weight_decay
         decay = guarded_decay(decay, guards[i], w.dtype if w.dtype == torch.float64 else torch.float32, w.device)
         back_project_(w, u.mul_(-lr * scale), D_r, right, decay, None if rounding is None else _rounding(rounding[i], step),
-                      product_dtype=product_dtype, scale=None if scales is None else scales[i], rounder=rounder)
+                      product_dtype=product_dtype, scale=None if scales is None else scales[i], rounder=rounder,
+                      writer=writer)
 
 
 def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
