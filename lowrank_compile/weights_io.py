@@ -227,7 +227,23 @@ def load_weights(model: nn.Module, source, *, device: torch.device | str = "cpu"
     for module in model.modules():
         if isinstance(module, LowRankLinear):
             module.materialize_own_(module.weight.device if not module.weight.is_meta else device)
+    _return_freed_heap()
     return model
+
+
+def _return_freed_heap() -> None:
+    """Give the C heap's freed pages back to the system (glibc's malloc_trim; elsewhere nothing). Loading frees a
+    full-precision temporary after every tensor, between the kept int8 codes; glibc keeps such freed pages
+    resident: 2.4-2.6 GiB after loading a 7B (tools/llama7b_memory.py, ~75 MiB per block), 0.03 GiB trimmed."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+        pass
 
 
 def _table_tensor(slot) -> Tensor:
