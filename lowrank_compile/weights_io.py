@@ -4,7 +4,6 @@ standard HF-style sharded safetensors folder, written a few tensors at a time)."
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Mapping
 

@@ -261,7 +261,6 @@ def weight_breakdown(model) -> dict:
     (the carriers) by their real storage."""
     seen: dict[int, int] = {}
     cats: dict[str, int] = collections.Counter()
-    names = {id(t): n for n, t in model.named_parameters()}
     quant_layers = 0
 
     def add(cat: str, x: torch.Tensor) -> None:
