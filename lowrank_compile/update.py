@@ -179,8 +179,9 @@ def row_chunks(tensors: tuple[Tensor, ...], max_elems: int, block: int = 1):
 
 
 def chunk_offset(offset: int, like: Tensor) -> Tensor:
-    """A row chunk's flat offset as a 0-d int64 tensor on `like`'s device (a fill, no host-to-device copy), for
-    the compiled rounding kernels an eager update calls: a Python int would compile one graph per chunk."""
+    """A row chunk's flat offset as a 0-d int64 tensor on `like`'s device (a fill, no host-to-device copy), as every
+    write-back passes it: the compiled rounding kernels an eager update calls would compile one graph per chunk
+    for a Python int. The bits are those of the int offset."""
     return torch.full((), offset, dtype=torch.int64, device=like.device)
 
 
@@ -189,7 +190,7 @@ def write_back_(w: Tensor, new: Tensor, rounding: Tensor | None, offset: int, ro
     quant.round_to_bf16) is given, to nearest otherwise. offset: the flat index of new[0]. rounder: the function
     that rounds (default quant.round_to_bf16; the optimizer passes a compiled one to eager updates)."""
     if w.dtype == torch.bfloat16 and rounding is not None:
-        w.copy_((rounder or quant.round_to_bf16)(new, rounding, offset if rounder is None else chunk_offset(offset, w)))
+        w.copy_((rounder or quant.round_to_bf16)(new, rounding, chunk_offset(offset, w)))
     else:
         w.copy_(new.to(w.dtype))
 
@@ -214,7 +215,7 @@ def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, ro
     scale: an int8 weight's block scales (w then holds its codes): each fp32 row chunk is written back by
     int8_weights.write_rows_ (stochastically rounded when `rounding` is a counter key, re-scaling only blocks
     whose range changed enough). rounder: see write_back_. writer: the function that writes an int8 chunk (default
-    int8_weights.write_rows_; the optimizer passes a compiled one to eager updates, called with tensor offsets).
+    int8_weights.write_rows_; the optimizer passes a compiled one to eager updates).
     """
     if scale is not None:
         u, D_r = u.float(), D_r.float()
@@ -222,10 +223,7 @@ def back_project_(w: Tensor, u: Tensor, D_r: Tensor, right: bool, decay=None, ro
         for start, (w_rows, s_rows, factor) in row_chunks((w, scale, u if right else D_r),
                                                           max_elems or UPDATE_CHUNK_ELEMS):
             delta = factor @ D_r.t() if right else factor @ u  # (rows, r) @ (r, in): this chunk's update
-            if writer is None:
-                int8_weights.write_rows_(w_rows, s_rows, delta, decay, rounding, start * row)
-            else:
-                writer(w_rows, s_rows, delta, decay, rounding, chunk_offset(start * row, w))
+            (writer or int8_weights.write_rows_)(w_rows, s_rows, delta, decay, rounding, chunk_offset(start * row, w))
         return
     if w.dtype in (torch.float32, torch.float64):
         if decay is not None:
