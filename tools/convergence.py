@@ -148,16 +148,22 @@ def minilm_run(spec: dict) -> dict:
         sched.step()
         times.append(time.perf_counter() - t0)
         losses.append(out.loss.item())
+    accuracy = minilm_accuracy(model, test_x, test_y)
+    return dict(name=spec["name"], spec=spec, losses=losses, accuracy=accuracy,
+                step_s=statistics.median(times[2:]), peak_above_mib=(peak_rss() - base) / 2**20,
+                final_eval=-accuracy)
+
+
+def minilm_accuracy(model, test_x: dict, test_y: torch.Tensor) -> float:
+    """Test accuracy (%) of the MiniLM classifier on the tokenised test passages, in batches of 64, eval mode."""
     model.eval()
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(test_labels), 64):
+        for start in range(0, len(test_y), 64):
             sl = slice(start, start + 64)
             logits = model(input_ids=test_x["input_ids"][sl], attention_mask=test_x["attention_mask"][sl]).logits
             correct += (logits.argmax(-1) == test_y[sl]).sum().item()
-    return dict(name=spec["name"], spec=spec, losses=losses, accuracy=100.0 * correct / len(test_labels),
-                step_s=statistics.median(times[2:]), peak_above_mib=(peak_rss() - base) / 2**20,
-                final_eval=-100.0 * correct / len(test_labels))
+    return 100.0 * correct / len(test_y)
 
 
 # -- sweep driver ---------------------------------------------------------------------------------------------

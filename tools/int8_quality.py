@@ -200,7 +200,7 @@ def minilm(spec: dict) -> dict:
     from lowrank_compile.demo import schedule
 
     sys.path.insert(0, str(HERE))
-    from convergence import minilm_path
+    from convergence import minilm_accuracy, minilm_path
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -230,14 +230,7 @@ def minilm(spec: dict) -> dict:
         sched.step()
         losses.append(out.loss.float().item())
     train_s = time.perf_counter() - t0
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(test_labels), 64):
-            sl = slice(start, start + 64)
-            logits = model(input_ids=test_x["input_ids"][sl], attention_mask=test_x["attention_mask"][sl]).logits
-            correct += (logits.argmax(-1) == test_y[sl]).sum().item()
-    return dict(task="minilm", spec=spec, accuracy=100.0 * correct / len(test_labels), losses=losses,
+    return dict(task="minilm", spec=spec, accuracy=minilm_accuracy(model, test_x, test_y), losses=losses,
                 train_s=train_s, wall_s=time.perf_counter() - t0, weight_mib=weight_bytes(model) / 2**20)
 
 
